@@ -1,0 +1,151 @@
+"""Adapter-only checkpoints: `adapter_model.safetensors` plus `mmadapter_config.json` (DESIGN §4).
+
+The folder holds only what trained, never base weights. The JSON says which method and
+hyperparameters made it, which base shape it fits, the prompt template, and the package version;
+loading refuses a base of another shape and says which dimension differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmadapter.adapters.base import (
+    adapter_config_of,
+    adapter_state_dict,
+    attach_adapter,
+    config_from_dict,
+    get_method,
+    trainable_parameters,
+)
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "mmadapter_config.json"
+#: Config fields that fix the shape of a base model (the names differ between LLaMA and ChatGLM).
+_SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "inner_hidden_size",
+    "vocab_size",
+)
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """The base model's identity (name if known) and shape, as saved beside an adapter."""
+    config = model.config
+    shape = {f: getattr(config, f) for f in _SHAPE_FIELDS if getattr(config, f, None) is not None}
+    return {"name_or_path": getattr(config, "name_or_path", "") or "", "shape": shape}
+
+
+def check_base_matches(saved: dict[str, Any], model: nn.Module, source: str) -> None:
+    """Raise a ValueError naming every shape field where `model` differs from the saved base."""
+    current = base_fingerprint(model)["shape"]
+    differences = [
+        f"{field}: adapter expects {value}, base has {current.get(field)}"
+        for field, value in saved.get("shape", {}).items()
+        if current.get(field) != value
+    ]
+    if differences:
+        raise ValueError(f"{source}: the adapter does not fit this base model ({'; '.join(differences)})")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same folder and rename, so readers never see half a file."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    prompt_template: str | None = None,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write the adapter of `model` (weights + config) into `directory`; returns the folder."""
+    config = adapter_config_of(model)
+    method = get_method(config.method)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {method.saved_key(name, config): t for name, t in adapter_state_dict(model).items()}
+    atomic_save_tensors(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    document = {
+        "mmadapter_version": version("mmadapter"),
+        "adapter": config.to_dict(),
+        "base": base_fingerprint(model),
+        "prompt_template": prompt_template,
+        "training": training,
+    }
+    atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(document, indent=2) + "\n").encode())
+    method.write_extra_files(model, config, directory)
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; is this an mmadapter adapter folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from error
+
+
+def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
+    """Copy saved adapter tensors into an already attached adapter, requiring an exact key match."""
+    config = adapter_config_of(model)
+    method = get_method(config.method)
+    path = Path(directory) / WEIGHTS_FILE
+    saved = {method.model_key(key, config): t for key, t in load_file(path).items()}
+    expected = trainable_parameters(model, None)
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: keys do not match the attached adapter (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    with torch.no_grad():
+        for name, param in expected.items():
+            if saved[name].shape != param.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(param.shape)}")
+            param.copy_(saved[name])
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Attach the adapter saved in `directory` to a fresh base `model` and load its weights."""
+    document = read_adapter_config(directory)
+    check_base_matches(document.get("base", {}), model, str(directory))
+    attach_adapter(model, config_from_dict(document["adapter"]))
+    load_adapter_weights(model, directory)
+    return model

@@ -1,0 +1,1 @@
+"""LLaMA-specific loading: Meta's original checkpoint layout and its conversion to Hugging Face's."""

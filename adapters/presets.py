@@ -1,0 +1,92 @@
+"""Named base-model shapes: the released LLaMA sizes, ChatGLM-6B, and tiny configs for tests.
+
+A preset is only a transformers config (no weights); `build_base_model` turns one into a model,
+on the meta device when only parameter counts are wanted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+
+
+def llama_ffn_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+    """Meta's rule for the SwiGLU hidden size (11008 for 7B, 22016 for 65B)."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _llama(
+    dim: int,
+    layers: int,
+    heads: int,
+    *,
+    kv_heads: int | None = None,
+    ffn: int | None = None,
+    vocab: int = 32000,
+    eps: float = 1e-6,
+    context: int = 2048,
+    rope_theta: float = 10000.0,
+) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=dim,
+        intermediate_size=ffn or llama_ffn_size(dim),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=context,
+        rms_norm_eps=eps,
+        rope_theta=rope_theta,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
+BASE_PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
+    "llama-7b": lambda: _llama(4096, 32, 32),
+    "llama-13b": lambda: _llama(5120, 40, 40),
+    "llama-33b": lambda: _llama(6656, 60, 52),
+    "llama-65b": lambda: _llama(8192, 80, 64),
+    "llama2-7b": lambda: _llama(4096, 32, 32, eps=1e-5, context=4096),
+    "llama2-13b": lambda: _llama(5120, 40, 40, eps=1e-5, context=4096),
+    "llama2-70b": lambda: _llama(8192, 80, 64, kv_heads=8, ffn=28672, eps=1e-5, context=4096),
+    # Tiny shapes for tests and examples (seconds on a CPU).
+    "tiny-llama": lambda: _llama(64, 4, 4, ffn=128, vocab=256, context=256),
+    "tiny-llama-gqa": lambda: _llama(64, 4, 4, kv_heads=2, ffn=128, vocab=256, context=256),
+}
+
+#: model_type -> causal-LM class; other backbones (ChatGLM-6B) add themselves on import.
+MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {"llama": LlamaForCausalLM}
+
+
+def base_config(name: str) -> PretrainedConfig:
+    if name not in BASE_PRESETS:
+        raise ValueError(f"unknown base preset {name!r}; available: {', '.join(sorted(BASE_PRESETS))}")
+    return BASE_PRESETS[name]()
+
+
+def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
+    # Importing the package registers every built-in backbone.
+    import mmadapter.adapters  # noqa: F401
+
+    if config.model_type not in MODEL_CLASSES:
+        raise ValueError(f"unsupported model_type {config.model_type!r}; supported: {sorted(MODEL_CLASSES)}")
+    return MODEL_CLASSES[config.model_type]
+
+
+def build_base_model(
+    config: PretrainedConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """A randomly initialised base model; with device="meta" it allocates nothing."""
+    with torch.device(device):
+        model = model_class_for(config)(config)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

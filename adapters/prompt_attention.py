@@ -1,0 +1,135 @@
+"""Zero-initialised gated attention over learned prompts, inside transformers' attention call.
+
+LLaMA-Adapter (Zhang et al., 2023, arXiv:2303.16199, §3.2) lets every token of an adapted layer
+also attend to K learned prompt vectors P. Per head, with the layer's own (frozen) projections:
+
+    O = softmax(Q Kt^T / sqrt(d) + mask) Vt  +  g * softmax(Q Kp^T / sqrt(d)) Vp,
+    Kp = P Wk, Vp = P Wv   (no RoPE on prompt keys, no mask, a separate float32 softmax)
+
+and g = tanh(gate) starts at zero, so the adapted model starts as the base model exactly.
+
+transformers 5 calls a registered attention function with the query *after* RoPE, so the prompt
+branch is added there, before `o_proj`, without recomputing the query (DESIGN §3). Parameters
+live on the attention module itself (`self_attn.adapter_prompt`, `self_attn.adapter_gate`), so
+base checkpoints still load by their usual names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+#: Keyword argument of the model's forward that carries per-sample visual prompts (B, K, D).
+VISUAL_PROMPT_KWARG = "adapter_visual_prompt"
+_PREFIX = "mmadapter_"
+_KERNELS: dict[str, Callable] = {"sdpa": sdpa_attention_forward, "eager": eager_attention_forward}
+
+
+def add_gated_prompt(
+    attention: nn.Module, prompt_length: int, *, gate_tanh: bool = True, fuse_visual: bool = False
+) -> None:
+    """Give one attention module a learned prompt (K, D) ~ N(0, 1) and per-head gates at zero.
+
+    Adapter parameters are float32 master weights whatever the base dtype (as the official code).
+    """
+    weight = attention.q_proj.weight
+    hidden = weight.shape[1]
+    num_heads = attention.config.num_attention_heads
+    attention.adapter_prompt = nn.Parameter(torch.randn(prompt_length, hidden, device=weight.device))
+    attention.adapter_gate = nn.Parameter(torch.zeros(num_heads, device=weight.device))
+    attention.adapter_gate_tanh = gate_tanh
+    attention.adapter_fuse_visual = fuse_visual
+
+
+def _tensor_signature(tensors: list[torch.Tensor]) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
+def prompt_key_values(
+    attention: nn.Module, dtype: torch.dtype, visual_prompt: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt keys and values (b, kv_heads, K, d), b = 1 unless a visual prompt is fused.
+
+    They depend only on weights (and the request's image), so without autograd they are computed
+    once and reused for every generated token until a weight changes.
+    """
+    fuse = visual_prompt is not None and attention.adapter_fuse_visual
+    grad = torch.is_grad_enabled()
+    if not grad:
+        weights = [attention.adapter_prompt, *attention.k_proj.parameters(), *attention.v_proj.parameters()]
+        signature = (_tensor_signature(weights), dtype, fuse)
+        cached = getattr(attention, "_adapter_kv_cache", None)
+        if cached is not None and cached[0] == signature and (not fuse or cached[1] is visual_prompt):
+            return cached[2]
+    prompt = attention.adapter_prompt
+    prompt = prompt + visual_prompt.to(prompt.dtype) if fuse else prompt.unsqueeze(0)  # (b, K, D)
+    prompt = prompt.to(dtype)
+    batch, length, _ = prompt.shape
+    head_dim = attention.head_dim
+    keys = attention.k_proj(prompt).view(batch, length, -1, head_dim).transpose(1, 2)
+    values = attention.v_proj(prompt).view(batch, length, -1, head_dim).transpose(1, 2)
+    if not grad:
+        attention._adapter_kv_cache = (signature, visual_prompt if fuse else None, (keys, values))
+    return keys, values
+
+
+def gated_prompt_output(
+    attention: nn.Module, query: torch.Tensor, visual_prompt: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The gated prompt branch for a rotated query (B, H, T, d); returns (B, T, H, d)."""
+    batch, num_heads, length, head_dim = query.shape
+    keys, values = prompt_key_values(attention, query.dtype, visual_prompt)
+    kv_heads = keys.shape[1]
+    # Heads sharing one key/value head (GQA) are adjacent: fold them into the query length.
+    grouped = query.reshape(batch, kv_heads, (num_heads // kv_heads) * length, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * attention.scaling  # (B, Hkv, G*T, K)
+    probs = scores.float().softmax(dim=-1).to(query.dtype)
+    output = torch.matmul(probs, values).view(batch, num_heads, length, head_dim)
+    gate = attention.adapter_gate.tanh() if attention.adapter_gate_tanh else attention.adapter_gate
+    output = gate.to(query.dtype).view(1, num_heads, 1, 1) * output
+    return output.transpose(1, 2)
+
+
+def _with_prompt_branch(kernel: Callable) -> Callable:
+    def attention_forward(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs,
+    ):
+        visual_prompt = kwargs.pop(VISUAL_PROMPT_KWARG, None)
+        output, weights = kernel(module, query, key, value, attention_mask, **kwargs)
+        if getattr(module, "adapter_prompt", None) is not None:
+            output = output + gated_prompt_output(module, query, visual_prompt)
+        return output, weights
+
+    return attention_forward
+
+
+for _name, _kernel in _KERNELS.items():
+    ALL_ATTENTION_FUNCTIONS.register(_PREFIX + _name, _with_prompt_branch(_kernel))
+    # Without a mask function under the same name transformers silently drops padding masks.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_PREFIX + _name, ALL_MASK_ATTENTION_FUNCTIONS[_name])
+
+
+def use_prompt_attention(model: nn.Module) -> None:
+    """Switch the model to the prompt-aware version of its attention kernel (sdpa or eager)."""
+    current = model.config._attn_implementation
+    base = current.removeprefix(_PREFIX)
+    if base not in _KERNELS:
+        raise ValueError(f"LLaMA-Adapter prompts support attention kernels {sorted(_KERNELS)}, not {current!r}")
+    if current != _PREFIX + base:
+        model.set_attn_implementation(_PREFIX + base)
+
+
+def base_attention_implementation(model: nn.Module) -> str:
+    """The kernel name a user would recognise (`sdpa` for `mmadapter_sdpa`)."""
+    return model.config._attn_implementation.removeprefix(_PREFIX)
