@@ -142,10 +142,13 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
             param.copy_(saved[name])
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Attach the adapter saved in `directory` to a fresh base `model` and load its weights."""
+def load_adapter(model: nn.Module, directory: str | Path, **overrides: Any) -> nn.Module:
+    """Attach the adapter saved in `directory` to a fresh base `model` and load its weights.
+
+    `overrides` replace saved config fields that depend on the machine, such as a local weights path.
+    """
     document = read_adapter_config(directory)
     check_base_matches(document.get("base", {}), model, str(directory))
-    attach_adapter(model, config_from_dict(document["adapter"]))
+    attach_adapter(model, config_from_dict({**document["adapter"], **overrides}))
     load_adapter_weights(model, directory)
     return model
