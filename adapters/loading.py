@@ -67,8 +67,11 @@ def load_base_model(
         model = build_base_model(base_config(str(base)), device=device, dtype=torch_dtype)
     elif is_meta_checkpoint(base):
         config, state = load_meta_checkpoint(base)
-        model = build_base_model(config, device="meta")
+        model = build_base_model(config, device="meta")  # no random init of weights about to be replaced
         model.load_state_dict(state, strict=True, assign=True)
+        rotary = model.model.rotary_emb  # its buffers are computed, not stored: rebuild them off the meta device
+        with torch.device("cpu"):
+            model.model.rotary_emb = type(rotary)(config=config)
         model.to(device=device, dtype=torch_dtype or torch.float32)
     else:
         config = read_base_config(base)

@@ -4,7 +4,7 @@ LLaMA-Adapter (Zhang et al., 2023, arXiv:2303.16199, §3.2) lets every token of 
 also attend to K learned prompt vectors P. Per head, with the layer's own (frozen) projections:
 
     O = softmax(Q Kt^T / sqrt(d) + mask) Vt  +  g * softmax(Q Kp^T / sqrt(d)) Vp,
-    Kp = P Wk, Vp = P Wv   (no RoPE on prompt keys, no mask, a separate float32 softmax)
+    Kp = P Wk, Vp = P Wv   (no RoPE on prompt keys, no mask, a separate softmax)
 
 and g = tanh(gate) starts at zero, so the adapted model starts as the base model exactly.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -72,8 +73,10 @@ def prompt_key_values(
     prompt = prompt.to(dtype)
     batch, length, _ = prompt.shape
     head_dim = attention.head_dim
-    keys = attention.k_proj(prompt).view(batch, length, -1, head_dim).transpose(1, 2)
-    values = attention.v_proj(prompt).view(batch, length, -1, head_dim).transpose(1, 2)
+    # Through the frozen projections only: a peft LoRA wrapper's update does not apply to prompts (spec §3.3).
+    k_proj, v_proj = (getattr(p, "base_layer", p) for p in (attention.k_proj, attention.v_proj))
+    keys = k_proj(prompt).view(batch, length, -1, head_dim).transpose(1, 2)
+    values = v_proj(prompt).view(batch, length, -1, head_dim).transpose(1, 2)
     if not grad:
         attention._adapter_kv_cache = (signature, visual_prompt if fuse else None, (keys, values))
     return keys, values
@@ -88,9 +91,10 @@ def gated_prompt_output(
     kv_heads = keys.shape[1]
     # Heads sharing one key/value head (GQA) are adjacent: fold them into the query length.
     grouped = query.reshape(batch, kv_heads, (num_heads // kv_heads) * length, head_dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * attention.scaling  # (B, Hkv, G*T, K)
-    probs = scores.float().softmax(dim=-1).to(query.dtype)
-    output = torch.matmul(probs, values).view(batch, num_heads, length, head_dim)
+    keys, values = keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)  # views, no copies
+    # No mask: every query sees all K prompt slots. The fused kernel accumulates the softmax in float32.
+    output = F.scaled_dot_product_attention(grouped, keys, values, scale=attention.scaling)
+    output = output.view(batch, num_heads, length, head_dim)
     gate = attention.adapter_gate.tanh() if attention.adapter_gate_tanh else attention.adapter_gate
     output = gate.to(query.dtype).view(1, num_heads, 1, 1) * output
     return output.transpose(1, 2)

@@ -1,0 +1,98 @@
+"""Forward cost of LLaMA-Adapter V1 against the frozen base model, side by side in one process.
+
+Prints a table and writes JSON. Rows are interleaved (base, adapter, base, adapter, …) and the
+median is kept, so machine noise hits both alike; the ratio is what to read.
+
+    python bench/bench_forward.py [--quick] [--out bench/results/forward.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig
+
+from mmadapter.adapters import attach_adapter, build_base_model, make_config
+
+
+def mid_size_config(layers: int, width: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=4096,
+        hidden_size=width,
+        intermediate_size=width * 8 // 3 // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=width // 64,
+        max_position_embeddings=1024,
+    )
+
+
+def median_ms(run, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def measure(model, ids, repeats: int) -> dict[str, float]:
+    """Prefill of the whole batch, and one decoding step on top of its cache."""
+    prefill = model(ids, use_cache=True)
+    next_ids = prefill.logits[:, -1:].argmax(-1)
+
+    def decode():
+        cache = copy.deepcopy(prefill.past_key_values)
+        model(next_ids, past_key_values=cache, use_cache=True)
+
+    return {"prefill_ms": median_ms(lambda: model(ids), repeats), "decode_ms": median_ms(decode, repeats)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller model and fewer repeats")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/forward.json"))
+    args = parser.parse_args()
+    layers, width, seq, batch, repeats = (4, 256, 128, 2, 5) if args.quick else (8, 512, 256, 4, 10)
+    torch.manual_seed(0)
+    config = mid_size_config(layers, width)
+    base = build_base_model(config)
+    adapted = copy.deepcopy(base)
+    attach_adapter(adapted, make_config("llama-adapter-v1", adapted_layers=layers - 1, prompt_length=10))
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    results = {"base": [], "llama-adapter-v1": []}
+    for _ in range(3):  # interleave the two models so noise hits both
+        results["base"].append(measure(base, ids, repeats))
+        results["llama-adapter-v1"].append(measure(adapted, ids, repeats))
+    rows = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+    print(f"LLaMA {layers} layers x {width}, batch {batch} x {seq} tokens; V1 on {layers - 1} layers, K=10")
+    print(f"{'model':<18} {'prefill ms':>11} {'ratio':>6} {'decode ms':>10} {'ratio':>6}")
+    for name, row in rows.items():
+        prefill_ratio = row["prefill_ms"] / rows["base"]["prefill_ms"]
+        decode_ratio = row["decode_ms"] / rows["base"]["decode_ms"]
+        row |= {"prefill_ratio": prefill_ratio, "decode_ratio": decode_ratio}
+        print(
+            f"{name:<18} {row['prefill_ms']:>11.1f} {prefill_ratio:>6.3f} {row['decode_ms']:>10.2f} {decode_ratio:>6.3f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "date": date.today().isoformat(),
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "config": {"layers": layers, "width": width, "seq": seq, "batch": batch},
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
