@@ -1,0 +1,316 @@
+"""Frozen CLIP image encoder (open_clip vision tower) returning every token, as LLaMA-Adapter V2 uses it.
+
+Spec: `specs/llama-adapter.md` §3.1-3.2. The official multimodal model runs CLIP ViT-L/14's vision
+tower by hand (`clip_encode_image`): patchify, prepend the class token, add positions, `ln_pre`, the
+transformer, then `ln_post` on ALL tokens and the visual projection on all tokens, giving
+(B, 257, 768). open_clip only exposes the pooled class token after `proj`, so `forward` writes those
+few lines out (open_clip's `_embeds` is private); a test checks the class token against open_clip.
+
+Only the vision tower is built (the text tower never exists, as in the official code's
+`del clip.transformer`). Trap (`specs/ecosystem-notes.md` §6): OpenAI's weights were trained with
+QuickGELU, and nothing in a weights file says so; loading them into a GELU tower silently gives
+wrong features. `quick_gelu=None` turns QuickGELU on when the architecture config, the open_clip tag,
+a transformers `config.json` (`hidden_act`) or the file format (OpenAI's TorchScript release) says
+so; pass `quick_gelu=True` for OpenAI weights stored any other way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.model import _build_vision_tower
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+from open_clip.transformer import VisionTransformer
+from PIL import Image
+from torch import nn
+
+from mmadapter.vision.transforms import clip_transform
+from mmadapter.vision.weights import (
+    HF_CLIP_MARKER,
+    find_weights_file,
+    hf_clip_to_open_clip_visual,
+    is_torchscript_archive,
+    read_state_dict,
+)
+
+logger = logging.getLogger(__name__)
+
+TINY_CONFIG_DIR = Path(__file__).parent / "model_configs"
+#: Tiny architectures for tests and the embedded demo (2 layers, width 64, patch 8).
+TINY_MODELS = ("mmadapter-tiny-vit", "mmadapter-tiny-vit-64")
+#: Written by `FrozenCLIPEncoder.save`; open_clip's `local-dir:` layout uses the same file names.
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+def register_tiny_configs() -> tuple[str, ...]:
+    """Make the tiny architectures known to open_clip (idempotent), e.g. for `open_clip.create_model`."""
+    if not set(TINY_MODELS) <= set(open_clip.list_models()):
+        open_clip.add_model_config(TINY_CONFIG_DIR)
+    return TINY_MODELS
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _architecture_config(model_name: str) -> dict[str, Any]:
+    if model_name in TINY_MODELS:
+        register_tiny_configs()
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"unknown open_clip architecture {model_name!r}; see open_clip.list_models()")
+    return config
+
+
+class _Source:
+    """Where an encoder's architecture, preprocessing and weights come from, and whether QuickGELU is implied."""
+
+    def __init__(self, model_name: str, pretrained: str | Path | None, cache_dir: str | None, fetch: bool) -> None:
+        self.name = model_name
+        self.preprocess = asdict(PreprocessCfg())
+        self.weights: Path | None = None
+        self.quick_gelu_hint: str | None = None  # why QuickGELU is needed, if something says so
+        path = None if pretrained is None else Path(pretrained).expanduser()
+        if path is not None and (path / CONFIG_FILE).is_file():
+            self._read_open_clip_folder(path)
+        elif path is not None and path.exists():
+            self._read_local_weights(path)
+        elif pretrained is not None:
+            self._read_tag(str(pretrained), cache_dir, fetch)
+        else:
+            self.config = _architecture_config(model_name)
+        if self.config.get("quick_gelu"):
+            self.quick_gelu_hint = f"architecture config {self.name} sets quick_gelu"
+        elif self.weights is not None and not self.quick_gelu_hint and is_torchscript_archive(self.weights):
+            self.quick_gelu_hint = f"{self.weights} is a TorchScript archive, the format of OpenAI's CLIP release"
+
+    def _read_open_clip_folder(self, path: Path) -> None:
+        """open_clip's `local-dir` layout (also written by `FrozenCLIPEncoder.save`)."""
+        document = json.loads((path / CONFIG_FILE).read_text())
+        self.config = document.get("model_cfg", document)
+        self.name = document.get("model_name", self.name)
+        self.preprocess = merge_preprocess_dict(self.preprocess, document.get("preprocess_cfg", {}))
+        self.weights = find_weights_file(path)
+
+    def _read_local_weights(self, path: Path) -> None:
+        """A weights file, or a folder with one (e.g. a transformers CLIP folder, whose config names the activation)."""
+        self.config = _architecture_config(self.name)
+        self.weights = find_weights_file(path) if path.is_dir() else path
+        if path.is_dir() and (path / "config.json").is_file():
+            hf_config = json.loads((path / "config.json").read_text())
+            if hf_config.get("vision_config", hf_config).get("hidden_act") == "quick_gelu":
+                self.quick_gelu_hint = f"{path / 'config.json'} sets hidden_act quick_gelu"
+
+    def _read_tag(self, tag_name: str, cache_dir: str | None, fetch: bool) -> None:
+        self.config = _architecture_config(self.name)
+        tag = open_clip.get_pretrained_cfg(self.name, tag_name)
+        if not tag:
+            tags = open_clip.list_pretrained_tags_by_model(self.name)
+            raise FileNotFoundError(
+                f"{tag_name}: no such weights file or folder, and not an open_clip pretrained tag "
+                f"for {self.name} (tags: {', '.join(tags) or 'none'})"
+            )
+        if fetch:  # on the meta device a tag only contributes its settings; nothing is downloaded
+            self.weights = Path(open_clip.download_pretrained(tag, cache_dir=cache_dir))
+        self.preprocess = merge_preprocess_dict(self.preprocess, tag)
+        if tag.get("quick_gelu"):
+            self.quick_gelu_hint = f"open_clip tag {self.name}/{tag_name} was trained with QuickGELU"
+
+
+def _visual_state(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The vision tower's tensors of a full CLIP state dict (`visual.` keys), of a transformers CLIP
+    checkpoint (converted), or of a tower-only state dict (as is)."""
+    if HF_CLIP_MARKER in state:
+        return hf_clip_to_open_clip_visual(state, source)
+    if any(key.startswith("visual.") for key in state):
+        return {key.removeprefix("visual."): t for key, t in state.items() if key.startswith("visual.")}
+    return state
+
+
+def _check_token_tower(visual: nn.Module, model_name: str) -> None:
+    """All-token features are defined for open_clip's plain ViT: class token, ln_post per token, proj."""
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(
+            f"{model_name}: token features need an open_clip VisionTransformer, not {type(visual).__name__}"
+        )
+    if visual.attn_pool is not None or visual.final_ln_after_pool or visual.proj is None:
+        raise ValueError(f"{model_name}: attentional pooling / final_ln_after_pool / no projection is not supported")
+
+
+class FrozenCLIPEncoder(nn.Module):
+    """CLIP vision tower, frozen: `forward(pixels (B, 3, H, W)) -> (B, 1 + patches, output_dim)`.
+
+    `pretrained`: None (random init from `seed`), a weights file (safetensors, `torch.save` state dict
+    of a full open_clip CLIP or of the vision tower alone, OpenAI's TorchScript `.pt`, a transformers
+    `CLIPModel`), a folder (with `open_clip_config.json`, as written by `save` or open_clip's
+    `local-dir:` layout; or a transformers CLIP folder; or any folder with one weights file), or an
+    open_clip pretrained tag (needs a reachable hub). `device="meta"` builds the
+    shapes only (for parameter counts) and loads nothing.
+
+    The module stays in eval mode and its parameters never require grad, whatever a parent module
+    calls; `forward` runs without autograd, so no gradient can reach CLIP.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-L-14",
+        pretrained: str | Path | None = None,
+        *,
+        quick_gelu: bool | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        device = torch.device(device)
+        source = _Source(model_name, pretrained, cache_dir, fetch=device.type != "meta")
+        if quick_gelu is None:
+            quick_gelu = source.quick_gelu_hint is not None
+            if quick_gelu:
+                logger.info("QuickGELU on: %s", source.quick_gelu_hint)
+        elif not quick_gelu and source.quick_gelu_hint:
+            warnings.warn(
+                f"quick_gelu=False but {source.quick_gelu_hint}: CLIP features will be wrong", UserWarning, stacklevel=2
+            )
+        self.model_name = source.name
+        self.pretrained = None if pretrained is None else str(pretrained)
+        self.weights_path = source.weights
+        self.quick_gelu = quick_gelu
+        self.seed = seed
+        self.architecture = {**source.config, "quick_gelu": quick_gelu}
+        self.visual = self._build(source.config, quick_gelu, device, dtype)
+        self.visual.requires_grad_(False)
+        preprocess = merge_preprocess_dict(source.preprocess, {"size": self.visual.image_size})
+        #: open_clip preprocessing fields; sequences as tuples, whether they came from code or JSON.
+        self.preprocess_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.items()}
+        super().train(False)
+
+    def _build(self, config: dict[str, Any], quick_gelu: bool, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        vision_cfg = {**config["vision_cfg"], "timm_model_pretrained": False}
+
+        def build() -> nn.Module:
+            # cast_dtype=None: open_clip's LayerNorm runs in the weights' dtype; its LayerNormFp32 (chosen for
+            # bf16/fp16) fails once `.to(dtype)` makes its weights low precision ("mixed dtype").
+            return _build_vision_tower(config["embed_dim"], vision_cfg, quick_gelu, None)
+
+        with torch.device("meta"):
+            visual = build()
+        _check_token_tower(visual, self.model_name)
+        if device.type == "meta":
+            return visual.to(dtype=dtype)
+        if self.weights_path is None:  # built on the CPU generator alone: the same weights on every machine
+            with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+                torch.default_generator.manual_seed(self.seed)
+                return build().to(device=device, dtype=dtype)
+        state = _visual_state(read_state_dict(self.weights_path), str(self.weights_path))
+        try:
+            visual.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as error:
+            raise ValueError(f"{self.weights_path}: weights do not fit {self.model_name}: {error}") from error
+        return visual.to(device=device, dtype=dtype)
+
+    # --- frozen behaviour -------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> FrozenCLIPEncoder:
+        """Ignores `mode`: a parent's `.train()` must not switch on CLIP's (patch) dropout."""
+        return super().train(False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> FrozenCLIPEncoder:
+        """Ignores `requires_grad`: CLIP stays frozen (and `forward` runs without autograd anyway)."""
+        return super().requires_grad_(False)
+
+    # --- description ------------------------------------------------------------------------------
+    @property
+    def output_dim(self) -> int:
+        return self.visual.output_dim
+
+    @property
+    def width(self) -> int:
+        return self.visual.conv1.out_channels
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.visual.image_size)
+
+    @property
+    def num_tokens(self) -> int:
+        """Class token plus one token per patch (257 for ViT-L/14 at 224 px)."""
+        grid_h, grid_w = self.visual.grid_size
+        return 1 + grid_h * grid_w
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    @cached_property
+    def identity(self) -> str:
+        """Architecture, activation and weights (file sha256, random seed, or the tag of a meta build)."""
+        if self.weights_path is None:
+            weights = f"random-init:seed={self.seed}" if self.pretrained is None else f"tag:{self.pretrained}"
+        else:
+            weights = f"sha256:{file_sha256(self.weights_path)}"
+        return f"{self.model_name};quick_gelu={int(self.quick_gelu)};{weights}"
+
+    # --- use --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """All tokens after `ln_post` and the projection: (B, num_tokens, output_dim), in `self.dtype`."""
+        visual = self.visual
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, *self.image_size):
+            raise ValueError(
+                f"expected pixels of shape (B, 3, {self.image_size[0]}, {self.image_size[1]}), "
+                f"got {tuple(pixels.shape)}"
+            )
+        x = visual.conv1(pixels.to(device=self.device, dtype=self.dtype))  # (B, width, grid_h, grid_w)
+        x = x.flatten(2).transpose(1, 2)  # (B, patches, width)
+        class_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([class_token, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        x = visual.transformer(visual.ln_pre(x))  # patch dropout is the identity in eval mode
+        return visual.ln_post(x) @ visual.proj
+
+    def transform(self, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+        """This model's preprocessing: eval (resize, center crop) or train (random resized crop)."""
+        return clip_transform(self.preprocess_cfg, train=train)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Token features of RGB PIL images (loaded with `mmadapter.vision.load_image`)."""
+        transform = self.transform()
+        return self(torch.stack([transform(image) for image in images]))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the vision tower as `open_clip_config.json` + safetensors; load with `pretrained=directory`.
+
+        Converting OpenAI's TorchScript file once gives a smaller, faster-loading, code-free copy.
+        """
+        from mmadapter.adapters.checkpoint import atomic_save_tensors, atomic_write_bytes
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {f"visual.{key}": tensor for key, tensor in self.visual.state_dict().items()}
+        atomic_save_tensors(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        document = {
+            "model_name": self.model_name,
+            "model_cfg": self.architecture,
+            "preprocess_cfg": self.preprocess_cfg,
+        }
+        atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(document, indent=2) + "\n").encode())
+        return directory
