@@ -133,6 +133,8 @@ def attach_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if getattr(model, CONFIG_ATTRIBUTE, None) is not None:
         raise ValueError("this model already carries an adapter; load a fresh base model to attach another")
     get_method(config.method).attach(model, config)
+    # New submodules (peft's LoRA dropout, prefix dropout) start in train mode: follow the model's mode.
+    model.train(model.training)
     setattr(model, CONFIG_ATTRIBUTE, config)
     return model
 

@@ -192,3 +192,14 @@ def test_peft_loads_our_chatglm_lora_folder(chatglm_base, tmp_path):
 def test_info_counts_lora_on_chatglm_6b(capsys):
     assert main(["info", "--base", "chatglm-6b", "--method", "lora", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["trainable_params"] == 28 * 8 * (4096 + 12288) == 3_670_016
+
+
+def test_attached_lora_follows_the_models_eval_mode(tiny_llama):
+    """Dropout inside freshly injected LoRA layers must not be active on an eval-mode model."""
+    from mmadapter.adapters import attach_adapter, make_config
+
+    model = attach_adapter(tiny_llama().eval(), make_config("lora", dropout=0.5))
+    assert not any(module.training for module in model.modules())
+    ids = torch.arange(1, 9).view(1, 8)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
