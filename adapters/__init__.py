@@ -8,8 +8,15 @@ Typical use::
     mark_trainable(model)
 """
 
-# Importing a method module registers it (see `register_method`).
-from mmadapter.adapters import llama_adapter_v1  # noqa: F401
+# Importing a method module registers it (see `register_method`); importing `chatglm` registers the
+# ChatGLM-6B backbone (model class, tokenizer loader, transformers Auto classes).
+from mmadapter.adapters import (
+    chatglm,  # noqa: F401
+    llama_adapter_v1,  # noqa: F401
+    llama_adapter_v2,  # noqa: F401
+    lora,  # noqa: F401
+    ptuning_v2,  # noqa: F401
+)
 from mmadapter.adapters.base import (
     AdapterConfig,
     AdapterMethod,

@@ -49,6 +49,13 @@ def _llama(
     )
 
 
+def _chatglm(**overrides) -> PretrainedConfig:
+    """ChatGLM-6B v1 (defaults = the released config.json); imported lazily, the package registers itself."""
+    from mmadapter.adapters.chatglm.configuration import ChatGLMConfig
+
+    return ChatGLMConfig(**overrides)
+
+
 BASE_PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
     "llama-7b": lambda: _llama(4096, 32, 32),
     "llama-13b": lambda: _llama(5120, 40, 40),
@@ -60,6 +67,9 @@ BASE_PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
     # Tiny shapes for tests and examples (seconds on a CPU).
     "tiny-llama": lambda: _llama(64, 4, 4, ffn=128, vocab=256, context=256),
     "tiny-llama-gqa": lambda: _llama(64, 4, 4, kv_heads=2, ffn=128, vocab=256, context=256),
+    "chatglm-6b": _chatglm,
+    # The real 130528-row vocabulary, so the special ids ([gMASK] 130001, <sop> 130004, <eop> 130005) are real.
+    "tiny-chatglm": lambda: _chatglm(hidden_size=64, num_layers=3, num_attention_heads=4, inner_hidden_size=256),
 }
 
 #: model_type -> causal-LM class; other backbones (ChatGLM-6B) add themselves on import.
