@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmadapter.train.ptuning_commands import export_official_ptuning, import_official_ptuning
+
 
 def _meta_llama(args: argparse.Namespace) -> str:
     """Meta-layout LLaMA folder -> Hugging Face layout folder (weights, config, tokenizer)."""
@@ -47,10 +49,48 @@ def _official_v1(args: argparse.Namespace) -> str:
     )
 
 
+def _official_v2(args: argparse.Namespace) -> str:
+    """Released LLaMA-Adapter V2 multimodal `.pth` (BIAS-7B, LORA-BIAS-7B) -> mmadapter adapter folder."""
+    from mmadapter.adapters.official_v2 import convert_official_v2_file
+
+    return convert_official_v2_file(
+        args.src, args.dst, args.base, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained
+    )
+
+
+def _clip_tower(args: argparse.Namespace) -> str:
+    """CLIP weights (OpenAI's TorchScript .pt, open_clip .bin/.safetensors) -> vision-tower-only safetensors folder."""
+    from mmadapter.vision.clip_encoder import FrozenCLIPEncoder
+
+    encoder = FrozenCLIPEncoder(args.clip_model, args.src)
+    encoder.save(args.dst)
+    return (
+        f"wrote {args.dst}: {encoder.model_name} vision tower (quick_gelu={encoder.quick_gelu}, "
+        f"{encoder.num_tokens} tokens x {encoder.output_dim}); load it with pretrained={args.dst}"
+    )
+
+
 #: kind -> (help, function(args) -> message). Other modules add their converters here.
 CONVERTERS = {
     "meta-llama": ("Meta-layout LLaMA (consolidated.*.pth + params.json) to Hugging Face layout", _meta_llama),
     "official-v1": ("released LLaMA-Adapter V1 .pth to an mmadapter adapter folder", _official_v1),
+    "official-v2": (
+        "released LLaMA-Adapter V2 multimodal .pth (BIAS-7B, LORA-BIAS-7B) to an mmadapter adapter folder",
+        _official_v2,
+    ),
+    "clip-tower": (
+        "CLIP weights (e.g. OpenAI's TorchScript ViT-L-14.pt) to a safetensors vision-tower folder",
+        _clip_tower,
+    ),
+    "official-ptuning": (
+        "official ChatGLM-6B P-Tuning v2 checkpoint (folder or pytorch_model.bin) to an mmadapter adapter folder "
+        "(base from the checkpoint's config.json, else --base, e.g. chatglm-6b)",
+        import_official_ptuning,
+    ),
+    "to-official-ptuning": (
+        "mmadapter P-Tuning v2 folder to the official layout (pytorch_model.bin + config.json)",
+        export_official_ptuning,
+    ),
 }
 
 
@@ -68,6 +108,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="use the raw gate as the official example.py does (default: tanh, as in training)",
     )
+    parser.add_argument(
+        "--clip-model",
+        default="ViT-L-14-quickgelu",
+        help="official-v2, clip-tower: open_clip architecture of the frozen CLIP",
+    )
+    parser.add_argument("--clip-pretrained", help="official-v2: local CLIP weights (e.g. OpenAI's ViT-L-14.pt)")
     parser.set_defaults(run=run)
 
 
