@@ -1,0 +1,150 @@
+"""One loader for every front end: base + adapter folder -> a model that is ready to serve.
+
+`load_served_model` loads the frozen base (preset or folder), attaches the adapter saved in a
+folder, folds what can be folded into the weights (V2 bias/scale, LoRA; DESIGN §3 "merge for
+inference"), and picks the prompt template the adapter was trained with, so nobody formats
+prompts by hand. `ServedModel.from_model` wraps a model already in memory (the embedded demo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mmadapter.serve.generate import GenerationEngine
+from mmadapter.serve.sampling import SamplingParams
+from mmadapter.train.templates import PromptTemplate, get_template
+
+#: Template for a base model without an adapter (or an adapter saved without one), by model_type.
+DEFAULT_TEMPLATES = {"llama": "alpaca", "chatglm": "chatglm"}
+#: Generation defaults of the official demos: LLaMA-Adapter (spec llama-adapter §1.7, §3.9) and
+#: ChatGLM-6B's chat()/stream_chat() (spec chatglm-6b-ptuning-v2 §2.8).
+DEFAULT_SAMPLING = {
+    "llama": SamplingParams(max_new_tokens=256, temperature=0.1, top_p=0.75),
+    "chatglm": SamplingParams(max_new_tokens=512, temperature=0.95, top_p=0.7),
+}
+
+
+def adapter_method_name(model: nn.Module) -> str | None:
+    config = getattr(model, "adapter_config", None)
+    return None if config is None else config.method
+
+
+def takes_images(model: nn.Module) -> bool:
+    """Whether the attached adapter turns images into a visual prompt (LLaMA-Adapter V2 with a projector)."""
+    config = getattr(model, "adapter_config", None)
+    return bool(getattr(config, "has_vision", False))
+
+
+def merge_for_serving(model: nn.Module) -> None:
+    """Fold the adapter's mergeable parts into the base weights; serving never unmerges, so no copies are kept."""
+    from mmadapter.adapters.base import get_method
+
+    config = getattr(model, "adapter_config", None)
+    if config is None:
+        return
+    merge = get_method(config.method).merge
+    if "keep_originals" in inspect.signature(merge).parameters:
+        merge(model, config, keep_originals=False)
+    else:
+        merge(model, config)
+
+
+@dataclasses.dataclass
+class ServedModel:
+    """A model, its tokenizer and prompt template, and the engine that generates with them."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    template: PromptTemplate
+    name: str
+    """The model id clients send (OpenAI `model` field) and /v1/models lists."""
+    defaults: SamplingParams
+    engine: GenerationEngine = dataclasses.field(init=False)
+    cache: dict[str, Any] = dataclasses.field(init=False, default_factory=dict, repr=False)
+    """Per-model values computed once while serving (e.g. the text-only visual prompt)."""
+
+    def __post_init__(self) -> None:
+        self.engine = GenerationEngine(self.model, self.tokenizer)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        template: str | None = None,
+        name: str = "mmadapter",
+        defaults: SamplingParams | None = None,
+    ) -> ServedModel:
+        """Wrap a model already in memory (eval mode, merged or not) for the chat, API and web front ends."""
+        model_type = model.config.model_type
+        template_name = template or DEFAULT_TEMPLATES.get(model_type, "alpaca")
+        model.eval()
+        return cls(
+            model,
+            tokenizer,
+            get_template(template_name),
+            name,
+            defaults or DEFAULT_SAMPLING.get(model_type, SamplingParams()),
+        )
+
+    @property
+    def takes_images(self) -> bool:
+        return takes_images(self.model)
+
+    @property
+    def method(self) -> str | None:
+        return adapter_method_name(self.model)
+
+
+def load_served_model(
+    base: str | Path,
+    adapter: str | Path | None = None,
+    *,
+    tokenizer: str | Path | None = None,
+    template: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    name: str | None = None,
+    adapter_overrides: dict[str, Any] | None = None,
+    revision: str | None = None,
+    merge: bool = True,
+) -> ServedModel:
+    """Load BASE (+ the adapter in ADAPTER, a folder or a hub repo id) ready to serve.
+
+    `tokenizer` defaults to the base folder (presets have none: pass one). `dtype` defaults to
+    bfloat16 on CUDA and float32 on CPU; `device` to CUDA when available. The template defaults
+    to the adapter's saved `prompt_template`, then to the base model's usual one.
+    """
+    from mmadapter.adapters.checkpoint import load_adapter, read_adapter_config
+    from mmadapter.adapters.hub import download_adapter
+    from mmadapter.adapters.loading import load_base_model, load_tokenizer
+    from mmadapter.adapters.presets import BASE_PRESETS
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    tokenizer_source = tokenizer or base
+    if str(tokenizer_source) in BASE_PRESETS:
+        raise ValueError(f"base {base!r} is a preset without a tokenizer; pass a tokenizer folder (--tokenizer)")
+    model = load_base_model(base, dtype=dtype, device=device)
+    saved_template = None
+    if adapter is not None:
+        folder = download_adapter(adapter, revision)
+        saved_template = read_adapter_config(folder).get("prompt_template")
+        load_adapter(model, folder, **(adapter_overrides or {}))
+        model.to(device)
+        model.eval()
+        if merge:
+            merge_for_serving(model)
+    source = Path(str(adapter if adapter is not None else base))
+    served_name = name or (source.name if source.exists() else str(source))  # folder name, or preset / repo id
+    return ServedModel.from_model(
+        model, load_tokenizer(tokenizer_source), template=template or saved_template, name=served_name
+    )
