@@ -93,13 +93,19 @@ def save_adapter(
     *,
     prompt_template: str | None = None,
     training: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the adapter of `model` (weights + config) into `directory`; returns the folder."""
+    """Write the adapter of `model` (weights + config) into `directory`; returns the folder.
+
+    `state_dict` (model parameter names) replaces `adapter_state_dict(model)` when the parameters are
+    not plain tensors on the model, e.g. gathered from FSDP / DeepSpeed shards by the training loop.
+    """
     config = adapter_config_of(model)
     method = get_method(config.method)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {method.saved_key(name, config): t for name, t in adapter_state_dict(model).items()}
+    state_dict = adapter_state_dict(model) if state_dict is None else state_dict
+    tensors = {method.saved_key(name, config): t for name, t in state_dict.items()}
     atomic_save_tensors(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     document = {
         "mmadapter_version": version("mmadapter"),

@@ -16,6 +16,9 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "mmadapter.train.info_command",
     "mmadapter.train.convert_command",
+    "mmadapter.train.push_command",
+    "mmadapter.train.train_command",
+    "mmadapter.serve.commands",
 )
 
 

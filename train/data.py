@@ -1,0 +1,224 @@
+"""Training datasets: read and tokenize every source up front, then load images lazily per sample.
+
+Rows are validated and tokenized before the first step, so a malformed row, a missing field, a
+missing image or a prompt too long for max_length is reported (file and line/index) before any
+compute is spent, and length-grouped batching knows every length. Images are decoded when a
+batch is built; one that turns out to be corrupt is masked out of its batch (it contributes no
+loss) and counted, so nothing crashes mid-epoch. Policy (`data.on_bad_sample`): `skip` counts and
+reports at the end, but stops when more than `max_bad_fraction` of a file is bad; `fail` stops at
+the first bad sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mmadapter.train.encoding import IGNORE_INDEX, Encoded, encode
+from mmadapter.train.readers import BadSample, DataError, Example, read_examples
+from mmadapter.train.recipe import DataSection, DataSource
+from mmadapter.train.templates import get_template
+
+#: image path -> model inputs for that image, e.g. {"pixel_values": (3, H, W)}; raises ValueError/OSError.
+ImageLoader = Callable[[Path], dict[str, torch.Tensor]]
+#: (example, tokenizer, data section, its source) -> Encoded; raises DataError for an unusable example.
+Encoder = Callable[[Example, Any, DataSection, DataSource], Encoded]
+
+
+def encode_llama_style(example: Example, tokenizer, data: DataSection, source: DataSource) -> Encoded:
+    return encode(
+        example,
+        tokenizer,
+        get_template(data.template),
+        max_length=data.max_length,
+        caption_instruction=data.caption_instruction,
+    )
+
+
+def encode_chatglm(example: Example, tokenizer, data: DataSection, source: DataSource) -> Encoded:
+    """The official P-Tuning v2 layout (prompt [gMASK] <sop> answer <eop>), built by train/chatglm_data.py;
+    its padding to max_source_length + max_target_length is dropped (batches are padded dynamically)."""
+    from mmadapter.train.chatglm_data import ChatGLMRow, build_training_example, training_prompt
+
+    config = chatglm_data_config(data, source)
+    (*history, (query, response)) = example.turns
+    row = ChatGLMRow(query, response, tuple(history), example.source)
+    features = build_training_example(tokenizer, training_prompt(row, config), response, config)
+    ids, labels = features["input_ids"], features["labels"]
+    length = len(ids)
+    while length and ids[length - 1] == tokenizer.pad_token_id and labels[length - 1] == IGNORE_INDEX:
+        length -= 1
+    return Encoded(ids[:length], labels[:length])
+
+
+def chatglm_data_config(data: DataSection, source: DataSource):
+    """The official data arguments from a recipe: lengths from `data`, columns from the source's options."""
+    from mmadapter.train.chatglm_data import ChatGLMDataConfig
+
+    return ChatGLMDataConfig(
+        max_source_length=data.max_source_length, max_target_length=data.max_target_length, **source.options
+    )
+
+
+#: Data format -> how its examples become token ids (all formats but ChatGLM's use the prompt templates).
+ENCODERS: dict[str, Encoder] = {"chatglm": encode_chatglm}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    source: str
+    input_ids: list[int]
+    labels: list[int]
+    image: Path | None
+    kind: int
+    """Index into the dataset's `kinds`: which adapter stage's parameters this sample updates."""
+
+
+class BadSampleLog:
+    """Counts bad samples, applies the skip/fail policy, and says what was skipped."""
+
+    def __init__(self, policy: str = "skip", max_fraction: float = 0.05) -> None:
+        self.policy, self.max_fraction = policy, max_fraction
+        self.samples: list[BadSample] = []
+        self.upfront = 0
+        """How many were found before training (the rest turned up while loading images)."""
+
+    def add(self, bad: BadSample, upfront: bool = True) -> None:
+        self.upfront += upfront
+        if self.policy == "fail":
+            raise DataError(f"{bad} (data.on_bad_sample=fail; use skip to leave such samples out)")
+        self.samples.append(bad)
+
+    def check_fraction(self, what: str, bad: int, total: int) -> None:
+        if total and bad / total > self.max_fraction:
+            first = "; ".join(str(b) for b in self.samples[-bad:][:3])
+            raise DataError(
+                f"{what}: {bad} of {total} samples are bad ({bad / total:.1%} > data.max_bad_fraction "
+                f"{self.max_fraction:.1%}); first: {first}"
+            )
+
+    def summary(self, limit: int = 10) -> str:
+        if not self.samples:
+            return "no bad samples"
+        lines = [f"skipped {len(self.samples)} bad sample(s):"] + [f"  {b}" for b in self.samples[:limit]]
+        if len(self.samples) > limit:
+            lines.append(f"  … and {len(self.samples) - limit} more")
+        return "\n".join(lines)
+
+
+def sample_kinds(sources: Sequence[DataSource], stage: str | None) -> list[str | None]:
+    """The adapter stages a set of sources trains; more than one means a mixed run."""
+    return sorted({source.trains or stage for source in sources}, key=lambda k: (k is None, k or ""))
+
+
+def load_samples(
+    sources: Sequence[DataSource],
+    tokenizer,
+    data: DataSection,
+    kinds: list[str | None],
+    stage: str | None,
+    bad: BadSampleLog,
+    *,
+    show_progress: bool = True,
+) -> list[Sample]:
+    """Read, validate and tokenize every source; bad rows go to `bad` under its policy."""
+    samples: list[Sample] = []
+    for source in sources:
+        encoder = ENCODERS.get(source.format, encode_llama_style)
+        kind = kinds.index(source.trains or stage)
+        count, bad_before = 0, len(bad.samples)
+        rows = read_examples(source.format, source.path, source.images, source.options, source.max_samples)
+        for item in tqdm(rows, desc=f"reading {Path(source.path).name}", disable=not show_progress, leave=False):
+            count += 1
+            if isinstance(item, BadSample):
+                bad.add(item)
+                continue
+            try:
+                encoded = encoder(item, tokenizer, data, source)
+            except DataError as error:
+                bad.add(BadSample(item.source, str(error)))
+                continue
+            samples.append(Sample(item.source, encoded.input_ids, encoded.labels, item.image, kind))
+        bad.check_fraction(source.path, len(bad.samples) - bad_before, count)
+    return samples
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Tokenized samples; images are loaded here (in DataLoader workers when num_workers > 0).
+
+    Random image augmentation draws from a generator seeded by (seed, epoch, sample index), so a
+    sample looks the same however many processes or workers share the data, and after a resume.
+    """
+
+    def __init__(self, samples: list[Sample], image_loader: ImageLoader | None = None, seed: int = 0) -> None:
+        self.samples, self.image_loader, self.seed, self.epoch = samples, image_loader, seed, 0
+        if image_loader is None and any(s.image is not None for s in samples):
+            raise DataError(
+                "the data has images but the adapter has no visual input "
+                f"(first: {next(s.source for s in samples if s.image is not None)}); use llama-adapter-v2"
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def lengths(self) -> list[int]:
+        return [len(s.input_ids) for s in self.samples]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        item: dict[str, Any] = {"sample": sample, "image": None, "bad": None}
+        if sample.image is not None:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+                    item["image"] = self.image_loader(sample.image)
+            except (ValueError, OSError) as error:  # the loader's ImageLoadError is a ValueError naming the file
+                item["bad"] = BadSample(sample.source, str(error))
+        return item
+
+
+@dataclasses.dataclass
+class Collator:
+    """Dynamic right padding to the longest sample in the batch; bad images are masked out."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        length = max(len(item["sample"].input_ids) for item in items)
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            sample = item["sample"]
+            n = len(sample.input_ids)
+            input_ids[row, :n] = torch.tensor(sample.input_ids)
+            attention_mask[row, :n] = 1
+            if item["bad"] is None:  # a sample whose image failed stays in the batch with no loss
+                labels[row, :n] = torch.tensor(sample.labels)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "kinds": torch.tensor([item["sample"].kind for item in items]),
+            "sources": [item["sample"].source for item in items],
+            "bad": [item["bad"] for item in items if item["bad"] is not None],
+        }
+        batch.update(stack_images([item["image"] for item in items]))
+        return batch
+
+
+def stack_images(images: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+    """Stack per-sample image inputs; samples without one (text, bad image) get zeros and image_mask False."""
+    present = [image for image in images if image is not None]
+    if not present:
+        return {}
+    stacked = {}
+    for key, example in present[0].items():
+        stacked[key] = torch.stack([image[key] if image is not None else torch.zeros_like(example) for image in images])
+    stacked["image_mask"] = torch.tensor([image is not None for image in images])
+    return stacked

@@ -1,0 +1,126 @@
+"""Evaluate a trained adapter on a dataset: loss and perplexity per response token, and optionally the
+official ChatGLM generation metrics (jieba ROUGE-1/2/L, character BLEU-4; train/metrics.py).
+
+Generation follows the official ptuning evaluation (spec chatglm-6b-ptuning-v2 §5.8): one sample at
+a time, sampling with top_p 0.7 and temperature 0.95, at most max_target_length new tokens; so the
+scores vary with the seed. `greedy=True` makes them deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mmadapter.adapters.checkpoint import load_adapter, read_adapter_config
+from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, chatglm_data_config, load_samples
+from mmadapter.train.encoding import render
+from mmadapter.train.readers import Example, read_examples
+from mmadapter.train.recipe import DataSection, DataSource, parse_recipe
+from mmadapter.train.templates import get_template
+
+#: Official sampling settings of the ChatGLM P-Tuning v2 evaluation.
+OFFICIAL_SAMPLING = {"do_sample": True, "top_p": 0.7, "temperature": 0.95}
+
+
+def saved_recipe(adapter_dir: str | Path):
+    """The recipe an mmadapter training run stored in the adapter's config, or None."""
+    training = read_adapter_config(adapter_dir).get("training")
+    if not isinstance(training, dict) or "stages" not in training:
+        return None
+    return parse_recipe(training)
+
+
+def load_for_eval(adapter_dir: str | Path, base: str | None = None, tokenizer: str | None = None, dtype=None):
+    """(model with the adapter, tokenizer, data settings of the last training stage or defaults)."""
+    from mmadapter.adapters.loading import load_base_model, load_tokenizer
+    from mmadapter.adapters.presets import BASE_PRESETS
+
+    document = read_adapter_config(adapter_dir)
+    recipe = saved_recipe(adapter_dir)
+    base = base or (recipe.model.base if recipe else None) or document.get("base", {}).get("name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_dir}: the adapter does not say which base model it needs; pass --base")
+    folder = tokenizer or (recipe.model.tokenizer if recipe else None) or base
+    if folder in BASE_PRESETS:
+        raise ValueError(f"base {base!r} is a preset without a tokenizer; pass --tokenizer")
+    if base in BASE_PRESETS and recipe is not None:  # a preset's random weights: the ones the run trained on
+        torch.manual_seed(recipe.stages[0].train.seed)
+    model = load_base_model(base, dtype=dtype or (recipe.model.dtype if recipe else None))
+    load_adapter(model, adapter_dir)
+    data = recipe.stages[-1].data if recipe else DataSection(template=document.get("prompt_template") or "alpaca")
+    return model.eval(), load_tokenizer(folder), data
+
+
+def loss_and_perplexity(model, tokenizer, sources: list[DataSource], data: DataSection, batch_size: int) -> dict:
+    """Mean loss per response token of `model` on `sources`, and its perplexity."""
+    from mmadapter.train.loop import TokenLoss, evaluate, plain_accelerator
+    from mmadapter.train.multimodal import image_loader_for
+
+    bad = BadSampleLog("skip", max_fraction=1.0)
+    samples = load_samples(sources, tokenizer, data, [None], None, bad)
+    if not samples:
+        raise ValueError(f"no usable samples ({bad.summary(limit=3)})")
+    loader, unreadable = image_loader_for(model, data.clip_cache, samples, show_progress=True, train=False)
+    skip = {s.source for s in unreadable}
+    dataset = SupervisedDataset([s for s in samples if s.source not in skip], loader)
+    accelerator = plain_accelerator()
+    collate = Collator(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    result = evaluate(accelerator, TokenLoss(model).to(accelerator.device), dataset, collate, batch_size)
+    return {**result, "samples": len(dataset), "bad_samples": len(bad.samples) + len(unreadable)}
+
+
+def _prompt_and_reference(example: Example, tokenizer, data: DataSection, source: DataSource) -> tuple[list[int], str]:
+    if source.format == "chatglm":
+        from mmadapter.train.chatglm_data import ChatGLMRow, build_eval_example, eval_prompt
+
+        config = chatglm_data_config(data, source)
+        (*history, (query, response)) = example.turns
+        row = ChatGLMRow(query, response, tuple(history), example.source)
+        features = build_eval_example(tokenizer, eval_prompt(row, config), response, config)
+        return features["input_ids"], tokenizer.decode(features["labels"], skip_special_tokens=True).strip()
+    prompt_only = dataclasses.replace(example, turns=(*example.turns[:-1], (example.turns[-1][0], "")))
+    text, _ = render(prompt_only, get_template(data.template), data.caption_instruction)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(text, add_special_tokens=False), example.turns[-1][1].strip()
+
+
+@torch.no_grad()
+def generation_scores(
+    model,
+    tokenizer,
+    sources: list[DataSource],
+    data: DataSection,
+    *,
+    max_new_tokens: int | None = None,
+    greedy: bool = False,
+    seed: int = 0,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Generate an answer for every text sample and score it with the official ROUGE / BLEU-4."""
+    from mmadapter.train.metrics import corpus_scores
+
+    torch.manual_seed(seed)
+    predictions, references = [], []
+    device = next(model.parameters()).device
+    sampling = {"do_sample": False} if greedy else OFFICIAL_SAMPLING
+    for source in sources:
+        examples = [e for e in read_examples(source.format, source.path, source.images, source.options, limit)]
+        for example in tqdm(examples, desc=f"generating {Path(source.path).name}", leave=False):
+            if not isinstance(example, Example) or example.image is not None:
+                continue
+            prompt, reference = _prompt_and_reference(example, tokenizer, data, source)
+            output = model.generate(
+                torch.tensor([prompt], device=device),
+                max_new_tokens=max_new_tokens or data.max_target_length,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+            predictions.append(tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip())
+            references.append(reference)
+    if not predictions:
+        raise ValueError("no text samples to generate answers for")
+    return {**corpus_scores(predictions, references), "generated": len(predictions), "sampling": sampling}

@@ -1,0 +1,112 @@
+"""Images into the training loop: per-sample image inputs, and the visual prompt of a batch.
+
+An adapter with a visual projector (LLaMA-Adapter V2) takes images as a visual prompt passed to
+the model's forward as `adapter_visual_prompt=` (adapters/prompt_attention.py). Samples are loaded
+as CLIP pixels with the official training transform (random resized crop), or, when
+`data.clip_cache` is set, as cached frozen-CLIP token features (vision/feature_cache.py), which
+skips CLIP entirely after the first epoch (at the cost of the random crop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmadapter.adapters.prompt_attention import VISUAL_PROMPT_KWARG
+from mmadapter.train.readers import BadSample
+
+
+def has_vision(model: nn.Module) -> bool:
+    config = getattr(model, "adapter_config", None)
+    return bool(getattr(config, "has_vision", False))
+
+
+def model_inputs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Forward kwargs for a batch: ids and padding mask, plus the visual prompt when the adapter sees.
+
+    Text-only samples of a multimodal adapter get what the adapter's `text_only_image` says
+    (the released training shows them an all-zero image).
+    """
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if has_vision(model):
+        from mmadapter.adapters.llama_adapter_v2 import visual_prompt
+
+        prompt = visual_prompt(
+            model,
+            pixel_values=images.get("pixel_values"),
+            clip_features=images.get("clip_features"),
+            image_mask=images.get("image_mask"),
+        )
+        if prompt is not None:
+            inputs[VISUAL_PROMPT_KWARG] = prompt
+    return inputs
+
+
+def _bgr(model: nn.Module) -> bool:
+    return getattr(model.adapter_config, "image_channel_order", "rgb") == "bgr"
+
+
+def pixel_loader(model: nn.Module, train: bool = True) -> Callable[[Path], dict[str, torch.Tensor]]:
+    """path -> {"pixel_values": (3, H, W)} with the encoder's training (random resized crop) or eval
+    transform; errors name the file."""
+    from mmadapter.vision.images import load_image
+
+    transform = model.vision_encoder.transform(train=train)
+    bgr = _bgr(model)
+
+    def load(path: Path) -> dict[str, torch.Tensor]:
+        return {"pixel_values": transform(load_image(path, bgr_quirk=bgr))}
+
+    return load
+
+
+class CachedFeatureLoader:
+    """path -> {"clip_features": (T, C)} from a warmed CLIP feature cache."""
+
+    def __init__(self, cache, keys: dict[Path, str]) -> None:
+        self.cache, self.keys = cache, keys
+
+    def __call__(self, path: Path) -> dict[str, torch.Tensor]:
+        return {"clip_features": self.cache.get(self.keys[path]).float()}
+
+
+def warm_feature_cache(
+    model: nn.Module, directory: str | Path, paths: list[Path], show_progress: bool
+) -> tuple[CachedFeatureLoader, list[tuple[Path, str]]]:
+    """Compute missing CLIP features for `paths`; returns the loader and (path, error) of unreadable images."""
+    from mmadapter.vision.feature_cache import CLIPFeatureCache, content_key
+    from mmadapter.vision.images import ImageLoadError
+
+    cache = CLIPFeatureCache(directory, model.vision_encoder, bgr_quirk=_bgr(model))
+    keys: dict[Path, str] = {}
+    failed: list[tuple[Path, str]] = []
+    for path in sorted(set(paths)):
+        try:
+            keys[path] = content_key(path)
+        except ImageLoadError as error:
+            failed.append((path, str(error)))
+    result = cache.warm(list(keys), progress=show_progress, skip_errors=True)
+    for error in result.failed:
+        path = Path(error.source)
+        keys.pop(path, None)
+        failed.append((path, str(error)))
+    return CachedFeatureLoader(cache, keys), failed
+
+
+def image_loader_for(model: nn.Module, clip_cache: str | None, samples: list, show_progress: bool, train: bool = True):
+    """(image loader, bad samples whose image is unreadable) for `samples`; `train` picks the random crop."""
+    if not has_vision(model):
+        return None, []
+    if clip_cache is None:
+        return pixel_loader(model, train), []
+    paths = [s.image for s in samples if s.image is not None]
+    loader, failed = warm_feature_cache(model, clip_cache, paths, show_progress)
+    reasons = dict(failed)
+    bad = [BadSample(s.source, reasons[s.image]) for s in samples if s.image in reasons]
+    return loader, bad

@@ -1,0 +1,403 @@
+"""Training recipes: YAML files parsed into typed dataclasses, checked before anything heavy loads.
+
+A recipe names the base model, the adapter method, and one or more training stages (LLaMA-Adapter
+V2 trains a caption stage, then a disjoint instruction stage). Top-level `train:` and `data:` are
+defaults that every stage inherits; a stage overrides only what it names. Errors name the key:
+`train.lr: expected float, got 'abc'`. The resolved form (stages spelled out) is what is saved next
+to every checkpoint, and loads back through the same function.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclasses.dataclass
+class ModelSection:
+    base: str
+    """A base preset (tiny-llama, llama-7b, …) or a model folder (Hugging Face or Meta layout)."""
+    tokenizer: str | None = None
+    """Tokenizer folder; default: the base folder."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Storage dtype of the frozen base weights (adapter weights stay float32)."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+@dataclasses.dataclass
+class AdapterSection:
+    method: str
+    """llama-adapter-v1, llama-adapter-v2, lora or ptuning-v2."""
+    preset: str | None = None
+    """A named configuration of the method (e.g. the released model's)."""
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Method hyperparameters, overriding the preset (checked by the method's config class)."""
+    init_from: str | None = None
+    """Start from a saved adapter folder instead of the method's initialisation."""
+
+
+@dataclasses.dataclass
+class DataSource:
+    format: Literal["alpaca", "conversation", "coco-captions", "caption-jsonl", "chatglm"]
+    path: str
+    images: str | None = None
+    """Image folder for relative image paths (default: the data file's folder)."""
+    trains: str | None = None
+    """The adapter stage whose parameters this source updates (mixed runs); None: the stage's own."""
+    max_samples: int | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Format options, e.g. chatglm: prompt_column, response_column, history_column."""
+
+
+@dataclasses.dataclass
+class DataSection:
+    train: list[DataSource] = dataclasses.field(default_factory=list)
+    eval: list[DataSource] = dataclasses.field(default_factory=list)
+    eval_from_train: int = 0
+    """Also evaluate on the first N training examples (the official V1 "val" split is 200)."""
+    template: str = "alpaca"
+    """Prompt template name (train/templates.py)."""
+    caption_instruction: str = "Generate caption of this image"
+    """Instruction of caption samples, rendered in the template's no-input form (official V2)."""
+    max_length: int = 512
+    """Truncate examples to this many tokens (official: max_words)."""
+    max_source_length: int = 64
+    """ChatGLM format: prompt tokens kept (official ptuning/train.sh)."""
+    max_target_length: int = 64
+    """ChatGLM format: answer tokens kept."""
+    group_by_length: bool = True
+    on_bad_sample: Literal["skip", "fail"] = "skip"
+    max_bad_fraction: float = 0.05
+    """With skip: stop when more than this fraction of a data file's samples is bad."""
+    num_workers: int = 0
+    clip_cache: str | None = None
+    """Folder of the CLIP feature cache (V2); None computes CLIP features on the fly."""
+
+
+@dataclasses.dataclass
+class TrainSection:
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    batch_size: int = 4
+    """Per process (per GPU)."""
+    grad_accum: int = 1
+    epochs: float | None = None
+    max_steps: int | None = None
+    """Optimizer steps; overrides epochs when both are set."""
+    lr: float | None = None
+    """Absolute learning rate; or set base_lr."""
+    base_lr: float | None = None
+    """Official rule: lr = base_lr * effective batch / 256."""
+    min_lr: float = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """cosine: linear warmup then half-cycle cosine to min_lr (official V1/V2); linear: HF Trainer's."""
+    warmup_epochs: float = 0.0
+    warmup_steps: int | None = None
+    """Overrides warmup_epochs when set."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = None
+    log_every: int = 10
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    log_with: Literal["tensorboard", "none"] = "tensorboard"
+    ddp_find_unused_parameters: bool = False
+    """DDP: set true when some trainable parameters get no gradient in a step (DDP's error says so);
+    it costs a graph traversal per step. Stages mixing data kinds average gradients without DDP's hooks."""
+
+
+@dataclasses.dataclass
+class StageSection:
+    name: str
+    stage: str | None = None
+    """The adapter method's training stage (V2: caption, instruction); None for one-stage methods."""
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+
+
+@dataclasses.dataclass
+class Recipe:
+    model: ModelSection
+    adapter: AdapterSection
+    stages: list[StageSection]
+    output_dir: str = "runs/mmadapter"
+    name: str = "mmadapter"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples become lists so the YAML is portable and loads back through `load_recipe`."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- typed conversion with key paths
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a type annotation; `key` names it in errors."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _convert(value, options[0], key)
+        raise TypeError(f"{key}: unsupported annotation {annotation}")  # pragma: no cover
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}: expected one of {', '.join(map(str, args))}, got {_describe(value)}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {_describe(value)}")
+        return [_convert(item, args[0], f"{key}.{i}") for i, item in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ValueError(f"{key}: expected a list of {len(args)} values, got {_describe(value)}")
+        return tuple(_convert(item, arg, f"{key}.{i}") for i, (item, arg) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {_describe(value)}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected int, got {_describe(value)}")
+        return value
+    if annotation is float:
+        # PyYAML reads `2e-2` (no dot) as a string: accept numeric strings, refuse anything else.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{key}: expected float, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key}: expected float, got {_describe(value)}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {annotation}")  # pragma: no cover
+
+
+def _build(cls: type, values: Any, key: str) -> Any:
+    """A dataclass from a mapping, rejecting unknown keys and missing required ones by name."""
+    where = f"{key}: " if key else ""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}expected a mapping, got {_describe(values)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        prefix = f"{key}." if key else ""
+        raise ValueError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, field in fields.items():
+        path = f"{key}.{name}" if key else name
+        if name in values:
+            kwargs[name] = _convert(values[name], hints[name], path)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ValueError(f"{path}: required key is missing")
+    return cls(**kwargs)
+
+
+def build_section(cls: type, values: dict[str, Any], key: str) -> Any:
+    """One recipe section (e.g. DataSection) from a mapping, checked like a whole recipe."""
+    return _build(cls, values, key)
+
+
+# ---------------------------------------------------------------- merging, overrides, validation
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_overrides(document: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`{"train.lr": 1e-3, "data.train.0.path": "x.json"}` set into a raw recipe mapping."""
+    document = copy.deepcopy(document)
+    for dotted, value in overrides.items():
+        node: Any = document
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ValueError(f"--set {dotted}: {where}: no list item {part} (list has {len(node)})")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ValueError(f"--set {dotted}: {'.'.join(parts[:i])} is not a mapping or list")
+    return document
+
+
+def _has_parent(node: Any, parts: list[str]) -> bool:
+    """Whether the mapping/list path `parts[:-1]` exists in `node`."""
+    for part in parts[:-1]:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return isinstance(node, dict | list)
+
+
+def _for_every_stage(document: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`train.*` / `data.*` overrides also go into every stage that spells the key out (as a resolved
+    recipe does), so `--set train.lr=…` means every stage; `stages.1.train.lr` targets one."""
+    expanded = dict(overrides)
+    stages = document.get("stages")
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if parts[0] in ("train", "data") and isinstance(stages, list):
+            targets = [i for i, stage in enumerate(stages) if _has_parent(stage, parts)]
+            for i in targets:
+                expanded.setdefault(f"stages.{i}.{key}", value)
+            if targets and not _has_parent(document, parts):
+                del expanded[key]  # no top-level defaults to put it in (a resolved recipe)
+    return expanded
+
+
+def _resolve_stages(document: dict[str, Any]) -> dict[str, Any]:
+    """Spell out every stage: defaults from top-level train/data, then the stage's own overrides."""
+    document = dict(document)
+    defaults = {"train": document.pop("train", {}) or {}, "data": document.pop("data", {}) or {}}
+    # Check the defaults as written, so errors name the key the user wrote (train.lr, not stages.0.train.lr).
+    _build(TrainSection, defaults["train"], "train")
+    _build(DataSection, defaults["data"], "data")
+    stages = document.get("stages")
+    if stages is None:
+        stages = [{"name": "train"}]
+    if not isinstance(stages, list) or not stages:
+        raise ValueError("stages: expected a non-empty list of stages")
+    resolved = []
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            raise ValueError(f"stages.{i}: expected a mapping, got {_describe(stage)}")
+        resolved.append(_deep_merge(defaults, stage))
+    document["stages"] = resolved
+    return document
+
+
+def _validate(recipe: Recipe, implicit_stage: bool) -> None:
+    """Checks across fields, each naming the key to fix."""
+    names = [s.name for s in recipe.stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stages: stage names must be unique, got {names}")
+    # One Accelerator serves the whole run, so these cannot change between stages.
+    for field in ("mixed_precision", "log_with", "ddp_find_unused_parameters"):
+        values = {getattr(s.train, field) for s in recipe.stages}
+        if len(values) > 1:
+            raise ValueError(f"train.{field}: must be the same in every stage, got {sorted(map(str, values))}")
+    for i, stage in enumerate(recipe.stages):
+        key = "" if implicit_stage else f"stages.{i}."
+        train, data = stage.train, stage.data
+        if not data.train:
+            raise ValueError(f"{key}data.train: no training data (a list of {{format, path}} sources)")
+        if train.epochs is None and train.max_steps is None:
+            raise ValueError(f"{key}train: set epochs or max_steps")
+        if train.lr is None and train.base_lr is None:
+            raise ValueError(f"{key}train: set lr (absolute) or base_lr (scaled by effective batch / 256)")
+        for field in ("lr", "base_lr", "epochs"):
+            value = getattr(train, field)
+            if value is not None and value <= 0:
+                raise ValueError(f"{key}train.{field}: must be positive, got {value}")
+        for field in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(train, field) < 1:
+                raise ValueError(f"{key}train.{field}: must be at least 1, got {getattr(train, field)}")
+        for field in ("eval_every", "save_every", "max_steps"):
+            value = getattr(train, field)
+            if value is not None and value < 1:
+                raise ValueError(f"{key}train.{field}: must be at least 1 (or null), got {value}")
+        if not 0.0 <= data.max_bad_fraction <= 1.0:
+            raise ValueError(f"{key}data.max_bad_fraction: must be in [0, 1], got {data.max_bad_fraction}")
+        if data.max_length < 2:
+            raise ValueError(f"{key}data.max_length: must be at least 2, got {data.max_length}")
+
+
+def parse_recipe(document: dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:
+    """A typed, validated recipe from a raw mapping plus dotted overrides."""
+    if not isinstance(document, dict):
+        raise ValueError(f"a recipe must be a mapping at the top level, got {_describe(document)}")
+    document = apply_overrides(document, _for_every_stage(document, overrides or {}))
+    recipe = _build(Recipe, _resolve_stages(document), "")
+    _validate(recipe, implicit_stage="stages" not in document)
+    return recipe
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Recipes shipped with the package (train/recipes/*.yaml), by file stem."""
+    folder = resources.files("mmadapter.train") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file path, or the name of a built-in recipe (`llama-adapter-v1-alpaca`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtin = builtin_recipes()
+    stem = path.name.removesuffix(".yaml")
+    if stem in builtin and not path.parent.parts:
+        return builtin[stem]
+    raise FileNotFoundError(f"{name_or_path}: no such recipe file; built-in recipes: {', '.join(sorted(builtin))}")
+
+
+def load_recipe(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a YAML recipe (a path or a built-in name), apply `--set` overrides, check everything."""
+    path = find_recipe(name_or_path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: invalid YAML ({error})") from error
+    try:
+        return parse_recipe(document or {}, overrides)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
