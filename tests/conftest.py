@@ -7,6 +7,9 @@ import torch
 
 from mmadapter.adapters.presets import base_config, build_base_model
 
+# ChatGLM's tiny model and sentencepiece tokenizer are shared by the adapters, train and serve tests.
+pytest_plugins = ("tests.chatglm_fixtures",)
+
 TINY_WORDS = (
     "the a red green blue yellow circle square triangle small large left right top bottom image "
     "what colour shape is there one two three below instruction response input describe answer"

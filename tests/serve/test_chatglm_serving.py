@@ -3,67 +3,20 @@
 from __future__ import annotations
 
 import pytest
-import sentencepiece as spm
 import torch
 from transformers import LogitsProcessor
 
 from mmadapter.adapters import attach_adapter, make_config
-from mmadapter.adapters.presets import base_config, build_base_model
 from mmadapter.serve.chat import ChatTurn, stream_turn
 from mmadapter.serve.loader import ServedModel
 from mmadapter.serve.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
-# The tiny tokenizer of tests/adapters/chatglm (special pieces at ChatGLM-6B's real ids 130000-130007).
-CORPUS = [
-    "你好，世界！今天天气很好。",
-    "我们一起学习机器学习。",
-    "Hello world, this is a small test.",
-    "介绍下贵州和清华大学。",
-]
-SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
-
-
-@pytest.fixture(scope="module")
-def glm_tokenizer(tmp_path_factory):
-    from mmadapter.adapters.chatglm import ChatGLMTokenizer
-
-    folder = tmp_path_factory.mktemp("ice_text")
-    layout = ["<n>", "<|tab|>"] + [f"<|blank_{k}|>" for k in range(2, 81)]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20),
-        model_prefix=str(folder / "ice_text"),
-        vocab_size=130000 + len(SPECIAL_PIECES) + len(layout) + 100,
-        hard_vocab_limit=False,
-        user_defined_symbols=[f"<|filler_{i}|>" for i in range(4, 130000)] + SPECIAL_PIECES + layout,
-        model_type="unigram",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        pad_piece="<pad>",
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        minloglevel=2,
-    )
-    return ChatGLMTokenizer(str(folder / "ice_text.model"))
 
 
 @pytest.fixture
-def glm_model():
-    torch.manual_seed(0)
-    model = build_base_model(base_config("tiny-chatglm"))
-    with torch.no_grad():  # as tests/adapters/chatglm's tiny_glm: every parameter random, norms near 1
-        for name, param in model.named_parameters():
-            if "layernorm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-            elif name.endswith("bias"):
-                param.copy_(0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0, 0.15)
-    model.set_attn_implementation("eager")
-    return model.requires_grad_(False).eval()
+def glm_model(tiny_glm):
+    return tiny_glm(seed=0, attn="eager")
 
 
 class DecodableOnly(LogitsProcessor):

@@ -13,7 +13,6 @@ from mmadapter.train.encoding import IGNORE_INDEX
 from mmadapter.train.evaluate import generation_scores
 from mmadapter.train.loop import train
 from mmadapter.train.recipe import DataSection, DataSource, parse_recipe
-from tests.adapters.chatglm.conftest import glm_tokenizer, glm_vocab_file, tiny_glm  # noqa: F401 (fixtures)
 from tests.train.conftest import write_jsonl
 
 COLOURS = {"红色": "热情的红色", "蓝色": "清新的蓝色", "白色": "干净的白色"}

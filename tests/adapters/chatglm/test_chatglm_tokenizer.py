@@ -1,4 +1,4 @@
-"""ChatGLM-6B's tokenizer on a sentencepiece model trained in conftest.py (special pieces at the real ids)."""
+"""ChatGLM-6B's tokenizer on a sentencepiece model trained in tests/chatglm_fixtures.py (special pieces at the real ids)."""
 
 from __future__ import annotations
 

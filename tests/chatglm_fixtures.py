@@ -1,4 +1,4 @@
-"""Fixtures for the ChatGLM-6B tests: a tiny random model with the real special-token ids, and a tiny
+"""ChatGLM-6B fixtures for every test folder (a plugin of tests/conftest.py): a tiny random model with the real special-token ids, and a tiny
 sentencepiece model trained here whose special pieces sit at the real ids (130000-130007)."""
 
 from __future__ import annotations
