@@ -20,7 +20,7 @@ def llama_ffn_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float |
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def _llama(
+def llama_config(
     dim: int,
     layers: int,
     heads: int,
@@ -32,6 +32,7 @@ def _llama(
     context: int = 2048,
     rope_theta: float = 10000.0,
 ) -> LlamaConfig:
+    """A LLaMA-architecture config by its shape (FFN size by Meta's rule unless given); used by presets and benchmarks."""
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=dim,
@@ -57,16 +58,16 @@ def _chatglm(**overrides) -> PretrainedConfig:
 
 
 BASE_PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
-    "llama-7b": lambda: _llama(4096, 32, 32),
-    "llama-13b": lambda: _llama(5120, 40, 40),
-    "llama-33b": lambda: _llama(6656, 60, 52),
-    "llama-65b": lambda: _llama(8192, 80, 64),
-    "llama2-7b": lambda: _llama(4096, 32, 32, eps=1e-5, context=4096),
-    "llama2-13b": lambda: _llama(5120, 40, 40, eps=1e-5, context=4096),
-    "llama2-70b": lambda: _llama(8192, 80, 64, kv_heads=8, ffn=28672, eps=1e-5, context=4096),
+    "llama-7b": lambda: llama_config(4096, 32, 32),
+    "llama-13b": lambda: llama_config(5120, 40, 40),
+    "llama-33b": lambda: llama_config(6656, 60, 52),
+    "llama-65b": lambda: llama_config(8192, 80, 64),
+    "llama2-7b": lambda: llama_config(4096, 32, 32, eps=1e-5, context=4096),
+    "llama2-13b": lambda: llama_config(5120, 40, 40, eps=1e-5, context=4096),
+    "llama2-70b": lambda: llama_config(8192, 80, 64, kv_heads=8, ffn=28672, eps=1e-5, context=4096),
     # Tiny shapes for tests and examples (seconds on a CPU).
-    "tiny-llama": lambda: _llama(64, 4, 4, ffn=128, vocab=256, context=256),
-    "tiny-llama-gqa": lambda: _llama(64, 4, 4, kv_heads=2, ffn=128, vocab=256, context=256),
+    "tiny-llama": lambda: llama_config(64, 4, 4, ffn=128, vocab=256, context=256),
+    "tiny-llama-gqa": lambda: llama_config(64, 4, 4, kv_heads=2, ffn=128, vocab=256, context=256),
     "chatglm-6b": _chatglm,
     # The real 130528-row vocabulary, so the special ids ([gMASK] 130001, <sop> 130004, <eop> 130005) are real.
     "tiny-chatglm": lambda: _chatglm(hidden_size=64, num_layers=3, num_attention_heads=4, inner_hidden_size=256),

@@ -18,20 +18,9 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config
-
-
-def mid_size_config(layers: int, width: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=4096,
-        hidden_size=width,
-        intermediate_size=width * 8 // 3 // 64 * 64,
-        num_hidden_layers=layers,
-        num_attention_heads=width // 64,
-        max_position_embeddings=1024,
-    )
+from mmadapter.adapters.presets import llama_config
 
 
 def median_ms(run, repeats: int) -> float:
@@ -64,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     layers, width, seq, batch, repeats = (4, 256, 128, 2, 5) if args.quick else (8, 512, 256, 4, 10)
     torch.manual_seed(0)
-    config = mid_size_config(layers, width)
+    config = llama_config(width, layers, width // 64, vocab=4096)
     base = build_base_model(config)
     adapted = copy.deepcopy(base)
     attach_adapter(adapted, make_config("llama-adapter-v1", adapted_layers=layers - 1, prompt_length=10))

@@ -25,23 +25,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config
+from mmadapter.adapters.presets import llama_config
 from mmadapter.serve.chat import visual_inputs
 from mmadapter.serve.loader import ServedModel, merge_for_serving
 from mmadapter.serve.sampling import SamplingParams
-
-
-def mid_size_config(layers: int, width: int, vocab: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=width * 8 // 3 // 64 * 64,
-        num_hidden_layers=layers,
-        num_attention_heads=width // 64,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=None,  # never stop early: every run generates exactly the asked number of tokens
-        pad_token_id=0,
-    )
 
 
 def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
@@ -124,7 +111,8 @@ def main() -> None:
     layers, width, vocab, prompt_length, new_tokens, rounds = (
         (4, 512, 32000, 64, 32, 5) if args.quick else (8, 768, 32000, 128, 96, 7)
     )
-    config = mid_size_config(layers, width, vocab)
+    config = llama_config(width, layers, width // 64, vocab=vocab)
+    config.eos_token_id = None  # never stop early: every run generates exactly the asked number of tokens
     tokenizer = word_tokenizer(vocab)
     models = {name: build(name, config, tokenizer, args.device, dtype) for name in VARIANTS}
     prompt = [1, *torch.randint(2, vocab, (prompt_length - 1,), generator=torch.Generator().manual_seed(0)).tolist()]

@@ -27,22 +27,11 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, optimizer_param_groups
 from mmadapter.adapters.base import mark_trainable, no_weight_decay
+from mmadapter.adapters.presets import llama_config
 from mmadapter.train.loop import TokenLoss
-
-
-def mid_size_config(layers: int, width: int, vocab: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=width * 8 // 3 // 64 * 64,
-        num_hidden_layers=layers,
-        num_attention_heads=width // 64,
-        max_position_embeddings=1024,
-    )
 
 
 def method_configs(layers: int) -> dict[str, tuple[str, dict] | None]:
@@ -123,7 +112,7 @@ def main() -> None:
     if device == "cpu":
         torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = mid_size_config(layers, width, vocab)
+    config = llama_config(width, layers, width // 64, vocab=vocab)
     base = build_base_model(config, device=device).requires_grad_(False)
     ids = torch.randint(3, vocab, (batch_size, seq), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
