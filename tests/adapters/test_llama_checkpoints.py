@@ -159,3 +159,26 @@ def test_attach_twice_is_refused(tiny_llama):
     model = attach_adapter(tiny_llama(), make_config("llama-adapter-v1", adapted_layers=1))
     with pytest.raises(ValueError, match="already carries an adapter"):
         attach_adapter(model, make_config("llama-adapter-v1", adapted_layers=1))
+
+
+def test_info_reads_the_shape_of_a_model_folder(tiny_llama, tmp_path, capsys):
+    tiny_llama(gqa=True).save_pretrained(tmp_path / "hf")
+    assert (
+        cli(
+            [
+                "info",
+                "--base",
+                str(tmp_path / "hf"),
+                "--method",
+                "llama-adapter-v1",
+                "--set",
+                "adapted_layers=2",
+                "--set",
+                "prompt_length=5",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["trainable_params"] == 2 * 5 * 64 + 2 * 4  # prompts (L*K*D) + one gate per query head
