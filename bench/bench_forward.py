@@ -1,7 +1,8 @@
 """Forward cost of LLaMA-Adapter V1 against the frozen base model, side by side in one process.
 
-Prints a table and writes JSON. Rows are interleaved (base, adapter, base, adapter, …) and the
-median is kept, so machine noise hits both alike; the ratio is what to read.
+Prints a table and writes JSON. Runs are interleaved (base, adapter, base, adapter, …), each on one
+torch thread timed by its own CPU time, and the median is kept, so other processes on a shared machine
+skew neither side; the ratio is what to read.
 
     python bench/bench_forward.py [--quick] [--out bench/results/forward.json]
 """
@@ -27,9 +28,9 @@ def median_ms(run, repeats: int) -> float:
     run()  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         run()
-        times.append(time.perf_counter() - start)
+        times.append(time.thread_time() - start)
     return 1000 * statistics.median(times)
 
 
@@ -37,11 +38,12 @@ def median_ms(run, repeats: int) -> float:
 def measure(model, ids, repeats: int) -> dict[str, float]:
     """Prefill of the whole batch, and one decoding step on top of its cache."""
     prefill = model(ids, use_cache=True)
+    cache = prefill.past_key_values
     next_ids = prefill.logits[:, -1:].argmax(-1)
 
     def decode():
-        cache = copy.deepcopy(prefill.past_key_values)
         model(next_ids, past_key_values=cache, use_cache=True)
+        cache.crop(-1)  # drop the new token: every timed step decodes at the same position
 
     return {"prefill_ms": median_ms(lambda: model(ids), repeats), "decode_ms": median_ms(decode, repeats)}
 
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/forward.json"))
     args = parser.parse_args()
     layers, width, seq, batch, repeats = (4, 256, 128, 2, 5) if args.quick else (8, 512, 256, 4, 10)
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     config = llama_config(width, layers, width // 64, vocab=4096)
     base = build_base_model(config)
