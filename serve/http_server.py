@@ -8,6 +8,11 @@ socket while waiting) and cancels its generation. It needs no extra dependency, 
 serve` works on a bare install; the gradio UI (`--ui`) runs in the same process on its own port
 and shares the same generation queue.
 
+Shutdown (Ctrl-C, SIGTERM, `close()`) is graceful and bounded: the listening socket closes,
+waiting requests are answered 503, the running generation stops at its next piece of text, and every
+handler thread and the generation thread are joined before the interpreter may exit. A daemon
+thread left inside torch while Python finalises makes libtorch abort the process (exit code -6).
+
 Security: binds to 127.0.0.1 unless told otherwise; with an API key every route but /health
 needs `Authorization: Bearer <key>`, compared in constant time; the access log holds the request
 line and status only, never headers, so the key is never logged.
@@ -64,17 +69,22 @@ class ServerSettings:
 class APIServer(ThreadingHTTPServer):
     """Serves one `ServedModel`; `worker` may be shared with the web UI."""
 
-    daemon_threads = True
+    daemon_threads = True  # a handler thread never runs torch, so one that outlives close() cannot crash the exit
+    block_on_close = False  # close() joins the handler threads itself, with a deadline
     allow_reuse_address = True
     #: Listen backlog. socketserver's default of 5 makes bursts of connections fail before they can be
     #: answered (even with 429); accepted connections are cheap, the queue limit is enforced per request.
     request_queue_size = 128
+    #: Seconds `close()` lets handler threads finish their last response before it shuts their sockets.
+    close_grace = 1.0
 
     def __init__(self, served: ServedModel, settings: ServerSettings, worker: GenerationWorker | None = None) -> None:
         self.served = served
         self.settings = settings
         self.worker = worker or GenerationWorker(served, settings.max_queue)
         self.started = int(time.time())
+        self._connections: dict[threading.Thread, socket.socket] = {}  # handler thread -> its client socket
+        self._connections_lock = threading.Lock()
         super().__init__((settings.host, settings.port), _Handler)
 
     @property
@@ -90,10 +100,59 @@ class APIServer(ThreadingHTTPServer):
         thread.start()
         return thread
 
-    def close(self) -> None:
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Handle a connection on its own thread, remembered until it ends so that `close()` can wait for it."""
+        thread = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address), name="mmadapter-request", daemon=True
+        )
+        with self._connections_lock:
+            self._connections[thread] = request
+        try:
+            thread.start()
+        except BaseException:
+            with self._connections_lock:
+                del self._connections[thread]
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections.pop(threading.current_thread(), None)
+
+    @property
+    def active_connections(self) -> int:
+        """Connections whose handler thread is still running."""
+        with self._connections_lock:
+            return len(self._connections)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop serving and wait, `timeout` seconds at most in all, until no thread of this server runs.
+
+        The listening socket closes first; then the worker fails waiting requests (503) and stops the
+        running generation at its next piece of text; handler threads send those last answers, and
+        connections still open after `close_grace` seconds (an idle or slow client) are shut down.
+        """
+        deadline = time.monotonic() + timeout
         self.shutdown()
         self.server_close()
-        self.worker.close()
+        self.worker.close(max(0.0, deadline - time.monotonic()))
+        self._join_handlers(min(deadline, time.monotonic() + self.close_grace))
+        with self._connections_lock:
+            connections = list(self._connections.values())
+        for connection in connections:  # unblocks a handler waiting to read from or write to its client
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        if not self._join_handlers(deadline):
+            logger.warning("%d connection(s) still open after %s s; exiting anyway", self.active_connections, timeout)
+
+    def _join_handlers(self, deadline: float) -> bool:
+        with self._connections_lock:
+            threads = list(self._connections)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
 
 
 def _error_for(error: BaseException) -> APIError:
@@ -302,14 +361,29 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _already_stopping(signum: int, frame: Any) -> None:
+    logger.info("already stopping; waiting for the running generation to end")
+
+
 def serve_forever(server: APIServer) -> None:
-    """Run until Ctrl-C or SIGTERM (containers, systemd), then stop cleanly."""
+    """Run until Ctrl-C or SIGTERM (containers, systemd), then stop cleanly (see `APIServer.close`)."""
     logger.info("serving %r on %s (OpenAI API at %s/v1)", server.served.name, server.url, server.url)
-    if threading.current_thread() is threading.main_thread():
+    signals = (signal.SIGINT, signal.SIGTERM)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.getsignal(signum) for signum in signals} if in_main_thread else {}
+    if in_main_thread:
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        logger.info("stopping: answering the requests in flight, then exiting")
     finally:
-        server.close()
+        # A second signal must not cut the shutdown short: that would leave the generation thread in torch.
+        for signum in previous:
+            signal.signal(signum, _already_stopping)
+        try:
+            server.close()
+        finally:
+            for signum, handler in previous.items():
+                if handler is not None:
+                    signal.signal(signum, handler)

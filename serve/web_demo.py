@@ -13,6 +13,7 @@ history only (specs/ecosystem-notes.md §4.2).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from mmadapter.serve.chat import ChatTurn
 from mmadapter.serve.generate import TextDelta
 from mmadapter.serve.loader import ServedModel
-from mmadapter.serve.worker import Failed, GenerationWorker, QueueFullError
+from mmadapter.serve.worker import Failed, GenerationWorker, QueueFullError, WorkerClosedError
 from mmadapter.vision.images import DEFAULT_MAX_PIXELS, load_image
 
 #: Example images (+ the questions in examples.txt beside them) shipped in the repository.
@@ -103,8 +104,13 @@ def build_ui(
     examples_dir: str | Path | None = EXAMPLES_DIR,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ):
-    """A `gr.Blocks` (a ChatInterface) chatting with `served` through `worker` (one is made if None)."""
+    """A `gr.Blocks` (a ChatInterface) chatting with `served` through `worker`.
+
+    Without `worker` the UI makes its own, and its `close()` also stops that worker; a worker passed
+    in (e.g. shared with the HTTP API) stays open and belongs to the caller.
+    """
     gr = _import_gradio()
+    own_worker = worker is None
     worker = worker or GenerationWorker(served)
     multimodal = served.takes_images
     defaults = served.defaults
@@ -130,7 +136,7 @@ def build_ui(
         )
         try:
             job = worker.submit(ChatTurn(text, turns, image, params))
-        except QueueFullError as error:
+        except (QueueFullError, WorkerClosedError) as error:
             raise gr.Error(str(error)) from error
         reply = ""
         with contextlib.closing(job.events()) as events:  # closing (Stop button) cancels the generation
@@ -158,7 +164,7 @@ def build_ui(
         else gr.Textbox(placeholder="Type a message…")
     )
     kind = "image chat" if multimodal else "chat"
-    return gr.ChatInterface(
+    ui = gr.ChatInterface(
         respond,
         multimodal=multimodal,
         textbox=textbox,
@@ -172,6 +178,24 @@ def build_ui(
         api_name=API_NAME,
         fill_height=True,
     )
+    if own_worker:
+        _close_worker_with(ui, worker)
+    return ui
+
+
+def _close_worker_with(ui: Any, worker: GenerationWorker) -> None:
+    """Make `ui.close()` also stop `worker`. gradio's `Blocks.close` has no shutdown hook, and a worker left
+    running when Python exits can abort the process mid-generation (see `mmadapter.serve.worker`)."""
+    close_ui = ui.close
+
+    @functools.wraps(close_ui)
+    def close(*args: Any, **kwargs: Any) -> None:
+        try:
+            close_ui(*args, **kwargs)
+        finally:
+            worker.close()
+
+    ui.close = close
 
 
 def launch_ui(
@@ -185,8 +209,15 @@ def launch_ui(
     **build_options: Any,
 ):
     """Build the UI and serve it on http://HOST:PORT (127.0.0.1 by default). Returns the gradio app;
-    with `block=False` it runs in the background (stop it with `.close()`)."""
+    with `block=False` it runs in the background (stop it with `.close()`). With `block=True` it
+    returns after Ctrl-C, already closed."""
     ui = build_ui(served, worker, **build_options)
     ui.queue()
-    ui.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, show_error=True)
+    try:
+        ui.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, show_error=True)
+    except BaseException:  # e.g. the port is taken: free the worker build_ui may have made
+        ui.close()
+        raise
+    if block:  # gradio's blocking launch only stops its HTTP server on Ctrl-C: stop the queue and our worker too
+        ui.close()
     return ui

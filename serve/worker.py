@@ -4,6 +4,11 @@ The model generates one chat turn at a time (a CPU or one GPU gains little from 
 and serialising keeps the KV cache memory bounded). Requests beyond `max_queue` waiting ones are
 refused at once with `QueueFullError` (HTTP 429) instead of piling up. A client that goes away
 cancels its job: a waiting job is skipped, a running one stops before its next token.
+
+`close()` must run before the interpreter exits: it fails the waiting jobs, stops the running
+one at its next piece of text and waits for the thread. A daemon thread still inside torch when
+Python finalises is killed mid-call, and libtorch aborts the process ("terminate called without
+an active exception", exit code -6).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Failed:
 
 _DONE = object()
 Event = TurnStarted | TextDelta | Failed
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class Job:
@@ -92,6 +98,7 @@ class GenerationWorker:
         self._lock = threading.Lock()
         self._pending = 0  # waiting + running
         self._closed = False
+        # Daemon, so a worker nobody closes cannot hang the interpreter's exit; `close()` is what makes exit safe.
         self._thread = threading.Thread(target=self._loop, name="mmadapter-generation", daemon=True)
         self._thread.start()
 
@@ -100,48 +107,49 @@ class GenerationWorker:
         """Jobs waiting or running."""
         return self._pending
 
+    @property
+    def alive(self) -> bool:
+        """Whether the generation thread is alive (False once `close()` has stopped it)."""
+        return self._thread.is_alive()
+
     def submit(self, turn: ChatTurn) -> Job:
         with self._lock:
             if self._closed:
-                raise WorkerClosedError("the server is shutting down")
+                raise WorkerClosedError(SHUTTING_DOWN)
             if self._pending > self.max_queue:  # one running + max_queue waiting
                 raise QueueFullError(
                     f"the server is busy ({self._pending} requests in progress or waiting); retry shortly"
                 )
             self._pending += 1
-        job = Job(turn)
-        self._jobs.put(job)
+            job = Job(turn)
+            self._jobs.put(job)  # under the lock: every accepted job is queued before close()'s sentinel
         return job
 
-    def close(self, timeout: float | None = 5.0) -> None:
-        """Stop accepting jobs, cancel the waiting ones, and end the thread after the current one."""
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Stop accepting jobs, fail the waiting ones, stop the running one at its next piece of text (a few
+        tokens at most), and wait up to `timeout` seconds for the thread to end. Returns whether it ended.
+        Safe to call twice."""
         with self._lock:
-            self._closed = True
-        self._jobs.put(None)
+            if not self._closed:
+                self._closed = True
+                self._jobs.put(None)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("the generation thread did not stop within %s s", timeout)
+            return False
+        return True
 
     def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                self._drain()
-                return
+        while (job := self._jobs.get()) is not None:
             try:
-                if not job.cancelled:
+                if self._closed:  # queued before close(): the client is told why, not served
+                    job.put(Failed(WorkerClosedError(SHUTTING_DOWN)))
+                elif not job.cancelled:
                     self._run(job)
             finally:
                 with self._lock:
                     self._pending -= 1
                 job.put(_DONE)  # after the count: a client that got its answer sees the slot free
-
-    def _drain(self) -> None:
-        while not self._jobs.empty():
-            job = self._jobs.get_nowait()
-            if job is not None:
-                with self._lock:
-                    self._pending -= 1
-                job.put(Failed(WorkerClosedError("the server is shutting down")))
-                job.put(_DONE)
 
     def _run(self, job: Job) -> None:
         stream = stream_turn(self.served, job.turn)
@@ -149,6 +157,10 @@ class GenerationWorker:
             for event in stream:
                 if job.cancelled:
                     logger.info("generation cancelled: the client went away")
+                    return
+                if self._closed:
+                    logger.info("generation stopped: the server is shutting down")
+                    job.put(Failed(WorkerClosedError(SHUTTING_DOWN)))
                     return
                 job.put(event)
         except Exception as error:  # reported to the client; the worker keeps serving

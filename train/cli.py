@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "mmadapter.train.push_command",
     "mmadapter.train.train_command",
     "mmadapter.serve.commands",
+    "mmadapter.train.demo_command",
 )
 
 

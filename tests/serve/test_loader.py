@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import sys
+
 import pytest
 import torch
+from fake_hub import FakeHub
+from huggingface_hub import constants
 from serve_helpers import randomize_adapter
 
 from mmadapter.adapters import attach_adapter, make_config, save_adapter
+from mmadapter.adapters.hub import push_to_hub
 from mmadapter.serve.generate import GenerationEngine
 from mmadapter.serve.loader import load_served_model
 from mmadapter.serve.sampling import SamplingParams
+from mmadapter.train.cli import main
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
 
@@ -37,6 +44,34 @@ def test_v1_adapter_serves_like_the_model_it_was_saved_from(tiny_llama, tiny_tok
     assert served.name == folder.name and served.template.name == "chat65b" and served.method == "llama-adapter-v1"
     expected = GenerationEngine(model, tiny_tokenizer).generate(["the red"], GREEDY)[0].token_ids
     assert served.engine.generate(["the red"], GREEDY)[0].token_ids == expected
+
+
+def test_adapter_by_hub_repo_id_and_revision(tiny_llama, tiny_tokenizer, base_folder, tmp_path, monkeypatch, capsys):
+    """`--adapter` also takes a hub repo id (fetched through the hub cache); `--revision` picks the branch."""
+    model, folder = saved_adapter(
+        tiny_llama, tmp_path, "llama-adapter-v1", "chat65b", adapted_layers=2, prompt_length=3
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    repo = "someone/tiny-v1"
+    with FakeHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        push_to_hub(folder, repo, revision="v2", token="hf_test")  # only the v2 branch holds the adapter
+
+        served = load_served_model(base_folder, repo, revision="v2", device="cpu")
+        assert served.name == repo and served.template.name == "chat65b" and served.method == "llama-adapter-v1"
+        expected = GenerationEngine(model, tiny_tokenizer).generate(["the red"], GREEDY)[0].token_ids
+        assert served.engine.generate(["the red"], GREEDY)[0].token_ids == expected
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO("the red\n"))
+        chat = ["chat", "--base", str(base_folder), "--adapter", repo, "--temperature", "0", "--max-new-tokens", "2"]
+        assert main([*chat, "--revision", "v2"]) == 0
+        assert f"chatting with {repo} (llama-adapter-v1; template chat65b" in capsys.readouterr().out
+        assert main(chat) == 2  # main has no adapter
+        assert f"{repo} ({hub.url}): no mmadapter_config.json" in capsys.readouterr().err
 
 
 def test_template_defaults_to_the_base_models_usual_one(base_folder):

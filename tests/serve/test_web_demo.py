@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from mmadapter.serve.chat import ChatTurn, stream_turn
 from mmadapter.serve.web_demo import EXAMPLES_DIR, _example_rows, history_turns, launch_ui
+from mmadapter.serve.worker import GenerationWorker
 from mmadapter.vision.images import load_image
 
 RED = EXAMPLES_DIR / "red_circle.png"
@@ -168,7 +170,30 @@ def test_text_only_adapter_gets_a_text_chat(served):
     assert not ui.multimodal and isinstance(ui.textbox, gr.Textbox)
     history = [{"role": "user", "content": "what shape"}, {"role": "assistant", "content": "a circle"}]
     replies = list(ui.fn("what colour", history, 0.0, 0.75, 8))
+    ui.close()
     assert replies[-1] == expected(
         served, "what colour", [("what shape", "a circle")], temperature=0.0, max_new_tokens=8
     )
     assert all(later.startswith(earlier) for earlier, later in zip(replies, replies[1:], strict=False))
+
+
+def _generation_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == "mmadapter-generation"}
+
+
+def test_closing_the_ui_stops_the_worker_it_made_and_only_that_one(served):
+    from mmadapter.serve.web_demo import build_ui
+
+    before = _generation_threads()
+    own = build_ui(served)
+    (made,) = _generation_threads() - before
+    shared_worker = GenerationWorker(served)
+    shared = build_ui(served, shared_worker)
+    assert len(_generation_threads() - before) == 2  # the shared worker; the second UI made none
+
+    own.close()  # never launched: gradio's close does nothing, the worker still stops
+    assert not made.is_alive()
+    shared.close()
+    assert shared_worker.alive  # it belongs to the caller (e.g. the HTTP API of `serve --ui`)
+    assert list(shared.fn("hi", [], 0.0, 0.75, 2))  # and still answers
+    shared_worker.close()

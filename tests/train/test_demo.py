@@ -1,0 +1,83 @@
+"""`mmadapter demo`, shortened: the untrained adapter is exactly the base model, and training lifts held-out accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmadapter.train import demo_world as world
+from mmadapter.train.cli import main
+from mmadapter.train.demo import SCALES, DemoOptions, DemoScale, run_demo
+
+#: A shortened run: what CI can afford.
+SHORT = DemoScale(train_images=400, heldout_images=40, questions_per_image=2, caption_steps=300, instruction_steps=200)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demo")
+    assert run_demo(DemoOptions(output=output, scale=SHORT, threads=1)) == 0
+    return output, json.loads((output / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 8 open: the demo recipe does not yet learn colour/shape in the shortened run (prototype settings "
+    "reach 0.98/0.87 caption accuracy but are not in train/recipes/demo-shapes.yaml yet); strict: remove when it passes",
+)
+def test_shortened_demo_lifts_held_out_accuracy(demo_run):
+    output, metrics = demo_run
+    assert metrics["zero_init_max_abs_difference"] == 0.0
+    untrained, trained = metrics["untrained"], metrics["trained"]
+    # Chance is 1/6 for colour and 1/5 for shape; the untrained adapter is the image-blind base model.
+    for kind in ("caption", "answer"):
+        for attribute in ("colour", "shape"):
+            assert untrained[kind][attribute] < 0.4, (kind, attribute, untrained[kind][attribute])
+    # The shortened run is far from the full run's accuracy, but must clearly have learned to see.
+    for kind in ("caption", "answer"):
+        lift = sum(trained[kind][a] - untrained[kind][a] for a in ("colour", "shape")) / 2
+        assert lift > 0.25, (kind, trained[kind], untrained[kind])
+    assert metrics["trained"]["counts"]["caption"]["colour"] == SHORT.heldout_images
+
+
+@pytest.mark.slow
+def test_demo_writes_its_outputs(demo_run):
+    output, metrics = demo_run
+    for name in ("metrics.json", "README.md", "loss_curves.png", "accuracy.png", "examples/examples.txt"):
+        assert (output / name).is_file(), name
+    adapter = output / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "mmadapter_config.json").read_text())["adapter"]["method"] == "llama-adapter-v2"
+    assert len(metrics["examples"]) == 4 and metrics["wall_time_seconds"] > 0
+    lines = (output / "examples" / "examples.txt").read_text().splitlines()
+    image, question = lines[0].split("\t")
+    assert (output / "examples" / image).is_file() and question
+
+
+@pytest.mark.slow
+def test_saved_adapter_answers_like_the_demo(demo_run):
+    """The adapter folder reloads through the serving loader and repeats the demo's greedy answers."""
+    from mmadapter.serve.chat import ChatTurn, stream_turn
+    from mmadapter.serve.generate import TextDelta
+    from mmadapter.serve.loader import load_served_model
+    from mmadapter.train.demo_assets import ASSETS_DIR, LANGUAGE_MODEL_DIR
+    from mmadapter.vision.images import load_image
+
+    output, metrics = demo_run
+    served = load_served_model(ASSETS_DIR / LANGUAGE_MODEL_DIR, output / "adapter")
+    example = metrics["examples"][0]
+    question, expected = example["turns"][1]
+    turn = ChatTurn(question, [], load_image(example["image"]), served.defaults.replace(temperature=0.0))
+    with torch.no_grad():
+        answer = "".join(e.text for e in stream_turn(served, turn) if isinstance(e, TextDelta))
+    assert answer.strip() == expected
+
+
+def test_scales_and_cli_are_wired():
+    assert SCALES["quick"].caption_steps < SCALES["full"].caption_steps
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert set(world.ATTRIBUTES) == {"colour", "shape", "count", "size", "position"}
