@@ -27,8 +27,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from benchlib import RESULTS, write_results
 
-RESULTS = Path(__file__).parent / "results"
 #: name -> (open_clip architecture, weights: None = random, or the demo's assets folder)
 TOWERS = {
     "demo tiny tower (64 px, 2x64)": ("mmadapter-tiny-vit-64", "assets"),
@@ -142,9 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         "timing": "CPU time of this process, 1 thread, steps 2..N of one caption epoch (batch 16)",
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
     return results
 
 

@@ -13,7 +13,6 @@ V2's visual prompt is computed once per request before decoding and reported sep
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -21,6 +20,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from benchlib import RESULTS, write_results
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -98,7 +98,7 @@ def main() -> None:
         help="cpu: CPU time of the generating thread, robust on a shared machine (CPU, 1 thread); wall: elapsed "
         "time (CUDA, or several threads); auto picks",
     )
-    parser.add_argument("--out", type=Path, default=Path("bench/results/generate.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "generate.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu_clock = args.clock == "cpu" or (args.clock == "auto" and args.device == "cpu" and args.threads == 1)
@@ -151,7 +151,6 @@ def main() -> None:
         )
     lowest = min(row["ratio_to_base"] for row in rows)
     print(f"target: every adapter >= 0.95x base -> {'met' if lowest >= 0.95 else 'NOT met'} (lowest {lowest:.3f})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "generate",
         "date": date.today().isoformat(),
@@ -168,8 +167,7 @@ def main() -> None:
         "results": rows,
         "all_runs_tokens_per_s": speeds,
     }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(report, args.out)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ ChatGLM-6B's query_key_value 3,670,016.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from datetime import date
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from benchlib import RESULTS, write_results
+
 BASES = ("llama-7b", "llama-13b", "llama-33b", "llama-65b", "chatglm-6b")
 #: (base, method, preset, stage) -> the published count.
 PAPER = {
@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         "paper_figures_checked": sum(r["paper"] is not None for r in rows),
         "paper_mismatches": len(mismatches),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
     return results
 
 

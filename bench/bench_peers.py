@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import time
@@ -35,37 +34,20 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from benchlib import RESULTS, write_results
 from transformers import LlamaConfig
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, mark_trainable
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def llama(width: int, layers: int, heads: int, vocab: int = 4096) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=width * 8 // 3 // 64 * 64,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-
+from mmadapter.adapters.presets import llama_config
 
 #: name -> (config, batch, sequence length, generated tokens, adapted layers, prompt length, prefix length)
 CPU_SIZES = {
-    "tiny (256x4)": (lambda: llama(256, 4, 4), 4, 128, 64, 3, 10, 16),
-    "small (512x8)": (lambda: llama(512, 8, 8), 4, 128, 64, 6, 10, 32),
-    "mid (1024x12)": (lambda: llama(1024, 12, 16, vocab=32000), 2, 256, 32, 10, 10, 64),
+    "tiny (256x4)": (lambda: llama_config(256, 4, 4, vocab=4096), 4, 128, 64, 3, 10, 16),
+    "small (512x8)": (lambda: llama_config(512, 8, 8, vocab=4096), 4, 128, 64, 6, 10, 32),
+    "mid (1024x12)": (lambda: llama_config(1024, 12, 16), 2, 256, 32, 10, 10, 64),
 }
 GPU_SIZES = {
-    "7B-shaped (4096x32)": (lambda: llama(4096, 32, 32, vocab=32000), 4, 512, 64, 30, 10, 128),
+    "7B-shaped (4096x32)": (lambda: llama_config(4096, 32, 32), 4, 512, 64, 30, 10, 128),
 }
 
 
@@ -341,9 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": rounds,
         "sizes": run(sizes, device, dtype, rounds),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
     return results
 
 

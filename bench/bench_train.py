@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import time
@@ -27,6 +26,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from benchlib import RESULTS, write_results
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, optimizer_param_groups
 from mmadapter.adapters.base import mark_trainable, no_weight_decay
@@ -103,7 +103,7 @@ def train_step(loss_module, optimizer, batch) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller model, fewer steps (seconds)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "train.json")
     args = parser.parse_args()
     layers, width, seq, batch_size, vocab, rounds = (
         (4, 256, 128, 2, 4096, 3) if args.quick else (8, 512, 256, 2, 4096, 5)
@@ -163,7 +163,6 @@ def main() -> None:
             f"{name:<18} {row['trainable_params']:>11,} {row['step_s']:>8.3f} {row['step_ratio']:>6.2f} "
             f"{row['memory_bytes'] / 2**20:>11.1f} {row['memory_ratio']:>6.2f}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "benchmark": "train_step",
         "date": date.today().isoformat(),
@@ -172,8 +171,7 @@ def main() -> None:
         "memory_method": "accounted: weights + trainable grads + AdamW moments + saved activations",
         "results": rows,
     }
-    args.out.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(document, args.out)
 
 
 if __name__ == "__main__":

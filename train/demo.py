@@ -45,10 +45,10 @@ class DemoScale:
 
 SCALES = {
     "full": DemoScale(
-        train_images=1500, heldout_images=200, questions_per_image=2, caption_steps=1000, instruction_steps=600
+        train_images=1500, heldout_images=200, questions_per_image=3, caption_steps=1250, instruction_steps=800
     ),
     "quick": DemoScale(
-        train_images=600, heldout_images=60, questions_per_image=2, caption_steps=400, instruction_steps=250
+        train_images=600, heldout_images=60, questions_per_image=3, caption_steps=600, instruction_steps=400
     ),
 }
 #: Copies of the text-only instruction set in the instruction stage (about an eighth of its samples).
@@ -209,12 +209,12 @@ def evaluate(model, tokenizer, scenes, features, desc: str) -> tuple[dict[str, A
 def format_accuracy_table(untrained: dict[str, Any], trained: dict[str, Any]) -> str:
     from mmadapter.train.demo_world import ATTRIBUTES
 
-    lines = [f"{'held-out accuracy':<20}{'untrained':>11}{'trained':>10}"]
+    lines = [f"{'held-out accuracy':<24}{'untrained':>10}{'trained':>10}"]
     for kind, label in (("caption", "in captions"), ("answer", "in answers")):
         for attribute in ATTRIBUTES:
             if attribute in trained[kind]:
                 before, after = untrained[kind][attribute], trained[kind][attribute]
-                lines.append(f"  {attribute + ' ' + label:<18}{before:>10.1%}{after:>10.1%}")
+                lines.append(f"  {attribute + ' ' + label:<22}{before:>10.1%}{after:>10.1%}")
     return "\n".join(lines)
 
 

@@ -30,8 +30,9 @@ def plot_accuracy(untrained: dict[str, Any], trained: dict[str, Any], path: Path
         axis.set_title(f"held-out accuracy {title}")
         axis.set_ylim(0, 1)
         axis.grid(axis="y", alpha=0.3)
-    axes[0].legend(loc="lower left")
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", ncol=2, frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.9))
     figure.savefig(path)
     pyplot.close(figure)
     return None

@@ -11,8 +11,8 @@ from mmadapter.train import demo_world as world
 from mmadapter.train.cli import main
 from mmadapter.train.demo import SCALES, DemoOptions, DemoScale, run_demo
 
-#: A shortened run: what CI can afford.
-SHORT = DemoScale(train_images=400, heldout_images=40, questions_per_image=2, caption_steps=300, instruction_steps=200)
+#: A shortened run, what CI can afford: 40 % of the full run's steps on a quarter of its images (~75 s of CPU).
+SHORT = DemoScale(train_images=400, heldout_images=40, questions_per_image=3, caption_steps=500, instruction_steps=350)
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,6 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 open: the demo recipe does not yet learn colour/shape in the shortened run (prototype settings "
-    "reach 0.98/0.87 caption accuracy but are not in train/recipes/demo-shapes.yaml yet); strict: remove when it passes",
-)
 def test_shortened_demo_lifts_held_out_accuracy(demo_run):
     output, metrics = demo_run
     assert metrics["zero_init_max_abs_difference"] == 0.0
@@ -36,10 +31,16 @@ def test_shortened_demo_lifts_held_out_accuracy(demo_run):
     for kind in ("caption", "answer"):
         for attribute in ("colour", "shape"):
             assert untrained[kind][attribute] < 0.4, (kind, attribute, untrained[kind][attribute])
-    # The shortened run is far from the full run's accuracy, but must clearly have learned to see.
-    for kind in ("caption", "answer"):
-        lift = sum(trained[kind][a] - untrained[kind][a] for a in ("colour", "shape")) / 2
-        assert lift > 0.25, (kind, trained[kind], untrained[kind])
+
+    # The shortened run is far from the full run's accuracy (>= 90 % on colour and shape), but must clearly
+    # have learned to see colour and shape. Measured on it (2-core VM, seed 0, one thread), untrained -> trained:
+    # captions colour 20 -> 88 %, shape 20 -> 50 %; answers colour 20 -> 55 %, shape 20 -> 58 %.
+    # Thresholds are about half the measured mean lifts (0.49 captions, 0.36 answers).
+    def colour_and_shape_lift(kind):
+        return sum(trained[kind][a] - untrained[kind][a] for a in ("colour", "shape")) / 2
+
+    assert colour_and_shape_lift("caption") > 0.25, (trained["caption"], untrained["caption"])
+    assert colour_and_shape_lift("answer") > 0.2, (trained["answer"], untrained["answer"])
     assert metrics["trained"]["counts"]["caption"]["colour"] == SHORT.heldout_images
 
 
