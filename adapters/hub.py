@@ -19,6 +19,7 @@ at call time, not frozen at import as huggingface_hub's own constant is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -187,35 +188,24 @@ def push_to_hub(
     The repo is created if missing (`private` applies then); `revision` names a branch, created
     from main if missing. Validation and the token check happen before any network call.
     """
-    if isinstance(dir_or_model, nn.Module):
-        with tempfile.TemporaryDirectory(prefix="mmadapter-push-") as staging:
+    with contextlib.ExitStack() as cleanup:
+        folder = dir_or_model
+        if isinstance(dir_or_model, nn.Module):  # save it to a temporary folder, then publish that
+            folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mmadapter-push-"))
             save_pretrained(
                 dir_or_model,
-                staging,
+                folder,
                 prompt_template=prompt_template,
                 training=training,
                 base_model=base_model,
                 license=license,
             )
-            return push_to_hub(
-                staging,
-                repo_id,
-                private=private,
-                revision=revision,
-                commit_message=commit_message,
-                token=token,
-                endpoint=endpoint,
-                base_model=base_model,
-                license=license,
-                model_card=model_card,
-                include=include,
-            )
-    plan = plan_push(
-        dir_or_model, repo_id, base_model=base_model, license=license, model_card=model_card, include=include
-    )
-    return send_push(
-        plan, private=private, revision=revision, commit_message=commit_message, token=token, endpoint=endpoint
-    )
+        plan = plan_push(
+            folder, repo_id, base_model=base_model, license=license, model_card=model_card, include=include
+        )
+        return send_push(
+            plan, private=private, revision=revision, commit_message=commit_message, token=token, endpoint=endpoint
+        )
 
 
 def send_push(
