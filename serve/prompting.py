@@ -1,7 +1,7 @@
 """Prompt token ids exactly as training built them, so a served adapter sees what it learned on.
 
-LLaMA-style (mmadapter.train.encoding, after the official Alpaca code): BOS, then the rendered
-conversation tokenized once, with EOS after every finished assistant reply. ChatGLM-6B (spec
+LLaMA-style: `mmadapter.train.encoding.encode_prompt`, the training encoding without the last reply
+(BOS, the rendered conversation tokenized once, EOS after every finished assistant reply). ChatGLM-6B (spec
 chatglm-6b-ptuning-v2 §2.8, §4): the rendered rounds tokenized, then `[gMASK] <sop>`.
 """
 
@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from mmadapter.train.encoding import encode_prompt
+from mmadapter.train.readers import Example
 from mmadapter.train.templates import PromptTemplate
 
 
@@ -38,17 +40,6 @@ def encode_chat(
     history: Sequence[tuple[str, str]] = (),
 ) -> list[int]:
     """The ids of the prompt that asks for the reply to `message` after `history`."""
-    history = tuple(history)
-    text = template.render(message, history=history)
-    if uses_glm_layout(model_type) or not history:
-        return encode_text(tokenizer, model_type, text)
-    ids = _tokens(tokenizer, text)
-    out = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    cursor = 0
-    for index, (question, reply) in enumerate(history):
-        start = len(template.render(question, history=history[:index]))
-        end = text.find(reply, start) + len(reply)
-        cut = len(_tokens(tokenizer, text[:end]))
-        out += [*ids[cursor:cut], tokenizer.eos_token_id]
-        cursor = cut
-    return out + ids[cursor:]
+    if uses_glm_layout(model_type):
+        return encode_text(tokenizer, model_type, template.render(message, history=tuple(history)))
+    return encode_prompt(Example(source="chat", turns=(*history, (message, ""))), tokenizer, template)

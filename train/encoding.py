@@ -10,6 +10,7 @@ reply (followed by EOS) is trained on.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 from mmadapter.train.readers import DataError, Example
 from mmadapter.train.templates import PromptTemplate
@@ -66,3 +67,12 @@ def encode(
     if all(label == IGNORE_INDEX for label in labels[1:]):
         raise DataError(f"no response tokens within max_length={max_length} (the prompt alone is too long)")
     return Encoded(input_ids, labels)
+
+
+def encode_prompt(example: Example, tokenizer, template: PromptTemplate, *, caption_instruction: str = "") -> list[int]:
+    """The ids training puts before the last reply, the reply left out: what generation must start from
+    (evaluation and serving), so a trained adapter is asked exactly as it learned (EOS after earlier replies)."""
+    question, _ = example.turns[-1]
+    open_turn = dataclasses.replace(example, turns=(*example.turns[:-1], (question, "")))
+    encoded = encode(open_turn, tokenizer, template, max_length=sys.maxsize, caption_instruction=caption_instruction)
+    return encoded.input_ids[:-1]  # without the EOS that would end the (empty) reply

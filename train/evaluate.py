@@ -8,7 +8,6 @@ scores vary with the seed. `greedy=True` makes them deterministic.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 
 from mmadapter.adapters.checkpoint import load_adapter, read_adapter_config
 from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, chatglm_data_config, load_samples
-from mmadapter.train.encoding import render
+from mmadapter.train.encoding import encode_prompt
 from mmadapter.train.readers import Example, read_examples
 from mmadapter.train.recipe import DataSection, DataSource, parse_recipe
 from mmadapter.train.templates import get_template
@@ -57,7 +56,7 @@ def load_for_eval(adapter_dir: str | Path, base: str | None = None, tokenizer: s
 
 def loss_and_perplexity(model, tokenizer, sources: list[DataSource], data: DataSection, batch_size: int) -> dict:
     """Mean loss per response token of `model` on `sources`, and its perplexity."""
-    from mmadapter.train.loop import TokenLoss, evaluate, plain_accelerator
+    from mmadapter.train.loop import TokenLoss, evaluate, pad_token_id, plain_accelerator
     from mmadapter.train.multimodal import image_loader_for
 
     bad = BadSampleLog("skip", max_fraction=1.0)
@@ -68,7 +67,7 @@ def loss_and_perplexity(model, tokenizer, sources: list[DataSource], data: DataS
     skip = {s.source for s in unreadable}
     dataset = SupervisedDataset([s for s in samples if s.source not in skip], loader)
     accelerator = plain_accelerator()
-    collate = Collator(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    collate = Collator(pad_token_id=pad_token_id(tokenizer))
     result = evaluate(accelerator, TokenLoss(model).to(accelerator.device), dataset, collate, batch_size)
     return {**result, "samples": len(dataset), "bad_samples": len(bad.samples) + len(unreadable)}
 
@@ -82,10 +81,10 @@ def _prompt_and_reference(example: Example, tokenizer, data: DataSection, source
         row = ChatGLMRow(query, response, tuple(history), example.source)
         features = build_eval_example(tokenizer, eval_prompt(row, config), response, config)
         return features["input_ids"], tokenizer.decode(features["labels"], skip_special_tokens=True).strip()
-    prompt_only = dataclasses.replace(example, turns=(*example.turns[:-1], (example.turns[-1][0], "")))
-    text, _ = render(prompt_only, get_template(data.template), data.caption_instruction)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer.encode(text, add_special_tokens=False), example.turns[-1][1].strip()
+    prompt = encode_prompt(
+        example, tokenizer, get_template(data.template), caption_instruction=data.caption_instruction
+    )
+    return prompt, example.turns[-1][1].strip()
 
 
 @torch.no_grad()

@@ -212,3 +212,24 @@ def test_batch_order_depends_only_on_seed_epoch_and_the_global_step_size():
     assert len(uneven) == 6  # 7 batches cut to a multiple of the process count
     batches, padding = eval_batches(lengths[:9], 2, 2)
     assert len(batches) == 6 and padding == [False] * 5 + [True]
+
+
+def test_generation_prompts_are_the_training_encoding_without_the_last_reply(tiny_tokenizer):
+    """Evaluation asks a multi-turn question exactly as training showed it: EOS after each earlier reply."""
+    from mmadapter.train.encoding import encode_prompt
+    from mmadapter.train.evaluate import _prompt_and_reference
+
+    template = get_template("alpaca")
+    example = Example(source="chat.json[0]", turns=(("what shape is there", "a red circle"), ("is it small", "large")))
+    trained = encode(example, tiny_tokenizer, template, max_length=4096, caption_instruction="").input_ids
+    answer = tiny_tokenizer.encode("large", add_special_tokens=False)
+    prompt = encode_prompt(example, tiny_tokenizer, template)
+    assert trained == prompt + answer + [tiny_tokenizer.eos_token_id]
+    assert prompt.count(tiny_tokenizer.eos_token_id) == 1
+    source = DataSource(format="conversation", path="chat.json")
+    assert _prompt_and_reference(example, tiny_tokenizer, DataSection(), source) == (prompt, "large")
+    single = Example(source="a.json[0]", turns=(("name a colour", "red"),), input="one word")
+    trained = encode(single, tiny_tokenizer, template, max_length=4096, caption_instruction="").input_ids
+    assert trained[: -len(tiny_tokenizer.encode("red", add_special_tokens=False)) - 1] == encode_prompt(
+        single, tiny_tokenizer, template
+    )
