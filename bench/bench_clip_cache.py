@@ -92,13 +92,13 @@ def build_cache(recipe, captions: Path, cache: Path) -> float:
     """CPU seconds to fill the cache for every image (the one-time cost)."""
     from mmadapter.adapters import attach_adapter, make_config
     from mmadapter.adapters.loading import load_base_model
-    from mmadapter.vision.feature_cache import CLIPFeatureCache
+    from mmadapter.train.multimodal import warm_feature_cache
 
     model = load_base_model(recipe.model.base)
     attach_adapter(model, make_config(recipe.adapter.method, **recipe.adapter.options))
     images = sorted((captions.parent / "images").glob("*.png"))
     start = time.process_time()
-    CLIPFeatureCache(cache, model.vision_encoder).warm(images, progress=False)
+    warm_feature_cache(model, cache, images, show_progress=False)  # as the training loop fills it
     return time.process_time() - start
 
 

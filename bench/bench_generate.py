@@ -88,7 +88,7 @@ def timed(served: ServedModel, prompt: list[int], params: SamplingParams, inputs
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller model, fewer tokens and rounds (~1 min on CPU)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: see --clock)")
     parser.add_argument(

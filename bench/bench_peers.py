@@ -34,7 +34,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import RESULTS, write_results
+from benchlib import RESULTS, saved_for_backward, write_results
 from transformers import LlamaConfig
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, mark_trainable
@@ -177,23 +177,13 @@ def generate(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], None]
 
 def accounted_step_memory(model, optimizer, ids: torch.Tensor) -> int:
     """Bytes at the end of a CPU train step's backward: weights, trainable grads, AdamW moments, saved tensors."""
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor):
-        storage = tensor.untyped_storage()
-        saved.setdefault(storage.data_ptr(), storage.nbytes())
-        return tensor
-
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     params = trainable(model)
     grads = sum(p.numel() * p.element_size() for p in params)
     moments = 2 * sum(p.numel() * 4 for p in params)
-    weight_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
+    loss, activations = saved_for_backward(lambda: model(input_ids=ids, labels=ids).loss, model)
     loss.backward()
     optimizer.zero_grad(set_to_none=True)
-    activations = sum(n for ptr, n in saved.items() if ptr not in weight_storages)
     return weights + grads + moments + activations
 
 

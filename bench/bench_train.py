@@ -26,7 +26,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import RESULTS, write_results
+from benchlib import RESULTS, saved_for_backward, write_results
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, optimizer_param_groups
 from mmadapter.adapters.base import mark_trainable, no_weight_decay
@@ -59,20 +59,6 @@ def build(base, method: tuple[str, dict] | None):
         mark_trainable(model)
         groups = optimizer_param_groups(model, 0.02)
     return model.train(), torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
-
-
-def saved_activation_bytes(loss_module, batch) -> int:
-    """Bytes autograd keeps for backward in one forward (each storage counted once)."""
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor):
-        storage = tensor.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_module(**batch).sum()
-    return sum(seen.values())
 
 
 def accounted_bytes(model, optimizer, activations: int) -> dict[str, int]:
@@ -124,7 +110,8 @@ def main() -> None:
     cuda_peak: dict[str, int] = {}
     for name, (model, optimizer) in setups.items():
         loss_module = TokenLoss(model)
-        memory[name] = accounted_bytes(model, optimizer, saved_activation_bytes(loss_module, batch))
+        _, activations = saved_for_backward(lambda: loss_module(**batch).sum(), model)  # noqa: B023 (called now)
+        memory[name] = accounted_bytes(model, optimizer, activations)
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
