@@ -9,7 +9,6 @@ so freezing, optimisation and saving can never disagree.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -75,8 +74,10 @@ class AdapterMethod:
         """Extra files an adapter folder needs (e.g. peft's adapter_config.json); default none."""
 
     @classmethod
-    def merge(cls, model: nn.Module, config: AdapterConfig) -> None:
-        """Fold what can be folded into the base weights for serving (default: nothing)."""
+    def merge(cls, model: nn.Module, config: AdapterConfig, *, keep_originals: bool = True) -> None:
+        """Fold what can be folded into the base weights for serving (default: nothing).
+
+        `keep_originals=False` skips the copies an exact `unmerge` needs (serving never unmerges)."""
 
     @classmethod
     def unmerge(cls, model: nn.Module, config: AdapterConfig) -> None:
@@ -190,7 +191,3 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float, stage: str | N
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything the adapter adds or unfreezes (all stages): what an adapter checkpoint holds."""
     return {name: param.detach() for name, param in trainable_parameters(model, None).items()}
-
-
-def count_parameters(params: Iterable[torch.Tensor]) -> int:
-    return sum(p.numel() for p in params)

@@ -7,9 +7,11 @@ loading refuses a base of another shape and says which dimension differs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -62,13 +64,15 @@ def check_base_matches(saved: dict[str, Any], model: nn.Module, source: str) -> 
         raise ValueError(f"{source}: the adapter does not fit this base model ({'; '.join(differences)})")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder and rename, so readers never see half a file."""
+@contextlib.contextmanager
+def atomic_replace(path: Path) -> Iterator[Path]:
+    """A temporary file in `path`'s folder to write; once written it is synced to disk and renamed to
+    `path`, so readers (and a crash) never see half a file. On an error it is removed."""
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as file:
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -76,15 +80,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_replace(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
+    with atomic_replace(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_adapter(
@@ -134,18 +137,29 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     config = adapter_config_of(model)
     method = get_method(config.method)
     path = Path(directory) / WEIGHTS_FILE
-    saved = {method.model_key(key, config): t for key, t in load_file(path).items()}
+    load_adapter_tensors(model, {method.model_key(key, config): t for key, t in load_file(path).items()}, str(path))
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Put tensors (by model parameter name) into an attached adapter; keys and shapes must match exactly.
+
+    On a meta-device model they are assigned (no copy), otherwise copied in place.
+    """
     expected = trainable_parameters(model, None)
-    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{path}: keys do not match the attached adapter (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            f"{source}: keys do not match the attached adapter (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    for name, param in expected.items():
+        if tensors[name].shape != param.shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}")
+    if any(p.is_meta for p in expected.values()):
+        model.load_state_dict(tensors, strict=False, assign=True)
+        return
     with torch.no_grad():
         for name, param in expected.items():
-            if saved[name].shape != param.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(param.shape)}")
-            param.copy_(saved[name])
+            param.copy_(tensors[name])
 
 
 def load_adapter(model: nn.Module, directory: str | Path, **overrides: Any) -> nn.Module:

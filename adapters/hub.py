@@ -348,7 +348,4 @@ def from_pretrained(
         from mmadapter.adapters.loading import load_base_model
 
         base_model = load_base_model(base_model)
-    training = base_model.training
-    load_adapter(base_model, folder, **overrides)
-    # Modules an attach adds start in training mode (e.g. peft's LoRA dropout); follow the base's mode.
-    return base_model.train(training)
+    return load_adapter(base_model, folder, **overrides)  # attach_adapter keeps the base's train/eval mode

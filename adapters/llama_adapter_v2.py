@@ -297,14 +297,18 @@ def _accept_visual_prompt_in_generate(model: nn.Module) -> None:
     model.prepare_inputs_for_generation = types.MethodType(prepare_inputs_for_generation, model)
 
 
-def adapted_linears(model: nn.Module, linears: tuple[str, ...] = _ALL_LINEARS) -> list[nn.Module]:
-    """The (possibly peft-wrapped) linear modules named in `linears`, in every decoder layer."""
-    return [layer.get_submodule(LINEAR_PATHS[short]) for layer in decoder_layers(model) for short in linears]
+def adapted_linears(model: nn.Module) -> list[nn.Module]:
+    """The seven (possibly peft-wrapped) linear modules of every decoder layer."""
+    return [layer.get_submodule(LINEAR_PATHS[short]) for layer in decoder_layers(model) for short in _ALL_LINEARS]
 
 
-def _zero_image_features(encoder: nn.Module) -> torch.Tensor:
-    """CLIP tokens (1, T, C) of the all-zero image the released training uses for text-only samples."""
-    return encoder(torch.zeros(1, 3, *encoder.image_size, device=encoder.device, dtype=encoder.dtype))
+def takes_images(model: nn.Module) -> bool:
+    """Whether the model's adapter turns images into a visual prompt (LLaMA-Adapter V2 with a projector)."""
+    return config_takes_images(getattr(model, "adapter_config", None))
+
+
+def config_takes_images(config: AdapterConfig | None) -> bool:
+    return isinstance(config, LlamaAdapterV2Config) and config.has_vision
 
 
 def visual_prompt(
@@ -331,7 +335,7 @@ def visual_prompt(
     if pixel_values is None and clip_features is None:
         if not zeros_for_text:
             return None
-        clip_features = _zero_image_features(encoder)
+        clip_features = encoder.zero_image_features()
     elif clip_features is None:
         if image_mask is not None and zeros_for_text:
             keep = image_mask.to(device=pixel_values.device, dtype=torch.bool).view(-1, 1, 1, 1)
@@ -339,7 +343,7 @@ def visual_prompt(
         clip_features = encoder(pixel_values)  # frozen: runs without autograd
     elif image_mask is not None and zeros_for_text:
         keep = image_mask.to(device=clip_features.device, dtype=torch.bool).view(-1, 1, 1)
-        zero = _zero_image_features(encoder).to(clip_features.device, clip_features.dtype)
+        zero = encoder.zero_image_features().to(clip_features.device, clip_features.dtype)
         clip_features = torch.where(keep, clip_features, zero)
     parameter = next(projector.parameters())
     prompt = projector(clip_features.to(device=parameter.device, dtype=parameter.dtype))

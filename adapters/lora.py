@@ -142,8 +142,10 @@ class Lora(AdapterMethod):
         peft_lora_config(model, config, inference_mode=True).save_pretrained(str(directory))
 
     @classmethod
-    def merge(cls, model: nn.Module, config: LoraMethodConfig) -> None:
-        """W <- W + (alpha/r)·B·A in every adapted layer (peft's merge), for serving without extra matmuls."""
+    def merge(cls, model: nn.Module, config: LoraMethodConfig, *, keep_originals: bool = True) -> None:
+        """W <- W + (alpha/r)·B·A in every adapted layer (peft's merge), for serving without extra matmuls.
+
+        peft unmerges by subtracting the same product, so there are no originals to keep either way."""
         for layer in lora_layers(model):
             if not layer.merged:
                 layer.merge()

@@ -18,6 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from mmadapter.adapters.adapter_folder import PEFT_CONFIG_FILE, AdapterFolder
 from mmadapter.adapters.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from mmadapter.adapters.llama_adapter_v2 import config_takes_images
 
 #: Written by the training loop beside the adapter (mmadapter.train.reporting): recipe and final metrics,
 #: and the loss curve.
@@ -63,11 +64,6 @@ def hub_base_model(folder: AdapterFolder, base_model: str | None = None) -> str 
         return base_model
     name = str(folder.base.get("name_or_path") or "")
     return name if _REPO_ID.fullmatch(name) and not Path(name).exists() else None
-
-
-def is_multimodal(folder: AdapterFolder) -> bool:
-    """Whether the adapter reads images: it carries visual modules (`visual_…`/`clip_…` parameters, DESIGN §3)."""
-    return any(part.startswith(("visual_", "clip_")) for key in folder.tensor_shapes for part in key.split("."))
 
 
 def read_training_record(folder: AdapterFolder) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -143,7 +139,7 @@ def card_metadata(folder: AdapterFolder, *, base_model: str | None = None, licen
         base_model=base,
         library_name="mmadapter",
         license=license or folder.document.get("license"),
-        pipeline_tag="image-text-to-text" if is_multimodal(folder) else "text-generation",
+        pipeline_tag="image-text-to-text" if config_takes_images(folder.config) else "text-generation",
         tags=tags,
     )
 
@@ -151,7 +147,7 @@ def card_metadata(folder: AdapterFolder, *, base_model: str | None = None, licen
 def _usage(folder: AdapterFolder, reference: str, base: str | None) -> str:
     base_path = f"path/to/{base.split('/')[-1]}" if base else "path/to/base-model"
     # The frozen image encoder's weights are not part of the adapter; each machine names its own copy.
-    clip = ', clip_pretrained="path/to/clip-weights"' if is_multimodal(folder) else ""
+    clip = ', clip_pretrained="path/to/clip-weights"' if config_takes_images(folder.config) else ""
     lines = [
         "```python",
         "from mmadapter.adapters import load_base_model",

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mmadapter.adapters.base import adapter_config_of, attach_adapter
-from mmadapter.adapters.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write_bytes
+from mmadapter.adapters.checkpoint import WEIGHTS_FILE, atomic_write_bytes, read_adapter_config
 from mmadapter.adapters.ptuning_v2 import ENCODER_NAME, PTuningV2Config, prefix_encoder_of, prefix_geometry
 
 OFFICIAL_PREFIX = f"transformer.{ENCODER_NAME}."
@@ -162,10 +162,7 @@ def export_official_ptuning_folder(adapter_dir: str | Path, directory: str | Pat
     the base model's folder).
     """
     adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no {CONFIG_FILE}; is this an mmadapter adapter folder?")
-    saved = json.loads(config_path.read_text())["adapter"]
+    saved = read_adapter_config(adapter_dir)["adapter"]
     if saved.get("method") != PTuningV2Config.method:
         raise ValueError(f"{adapter_dir}: holds a {saved.get('method')!r} adapter, not ptuning-v2")
     config = PTuningV2Config.from_dict(saved)

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmadapter.adapters.base import attach_adapter, trainable_parameters
+from mmadapter.adapters.base import attach_adapter
 from mmadapter.adapters.bias_scale import LINEAR_PATHS
+from mmadapter.adapters.checkpoint import load_adapter_tensors
 from mmadapter.adapters.llama.meta_format import permute_rotary_rows
 from mmadapter.adapters.llama_adapter_v2 import (
     LORA_ADAPTER_NAME,
@@ -212,26 +213,6 @@ def _to_hf_rows(rows: torch.Tensor, short: str, num_heads: int, num_kv_heads: in
     return rows
 
 
-def load_converted(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Put converted tensors into an attached adapter; the key sets must match exactly.
-
-    On a meta-device model the tensors are assigned (no copy), otherwise copied in place.
-    """
-    expected = trainable_parameters(model, None)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: does not match the adapter (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    for name, param in expected.items():
-        if tensors[name].shape != param.shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}")
-    if any(p.is_meta for p in expected.values()):
-        model.load_state_dict(tensors, strict=False, assign=True)
-        return
-    with torch.no_grad():
-        for name, param in expected.items():
-            param.copy_(tensors[name])
-
-
 def load_official_v2(
     model: nn.Module,
     path: str | Path,
@@ -252,7 +233,7 @@ def load_official_v2(
         source=str(path),
     )
     attach_adapter(model, config)
-    load_converted(model, tensors, str(path))
+    load_adapter_tensors(model, tensors, str(path))
     return model
 
 
@@ -276,7 +257,7 @@ def convert_official_v2_file(
     )
     model = build_base_model(base_config, device="meta")
     attach_adapter(model, config)
-    load_converted(model, tensors, str(src))
+    load_adapter_tensors(model, tensors, str(src))
     save_adapter(model, dst, prompt_template="alpaca")
     gates = [t for name, t in tensors.items() if name.endswith("adapter_gate")]
     largest = max(t.abs().max().item() for t in gates)

@@ -132,8 +132,3 @@ def use_prompt_attention(model: nn.Module) -> None:
         raise ValueError(f"LLaMA-Adapter prompts support attention kernels {sorted(_KERNELS)}, not {current!r}")
     if current != _PREFIX + base:
         model.set_attn_implementation(_PREFIX + base)
-
-
-def base_attention_implementation(model: nn.Module) -> str:
-    """The kernel name a user would recognise (`sdpa` for `mmadapter_sdpa`)."""
-    return model.config._attn_implementation.removeprefix(_PREFIX)

@@ -45,15 +45,7 @@ class PTuningV2Config(AdapterConfig):
 
 
 def prefix_geometry(config) -> dict[str, int]:
-    """Layers, key/value heads, head size and hidden size of a base config (ChatGLM or LLaMA naming)."""
-    if config.model_type == "chatglm":
-        heads = config.num_attention_heads
-        return {
-            "num_layers": config.num_layers,
-            "num_heads": heads,
-            "head_dim": config.hidden_size // heads,
-            "hidden_size": config.hidden_size,
-        }
+    """Layers, key/value heads, head size and hidden size of a base config (ChatGLM's maps onto LLaMA's names)."""
     heads = config.num_attention_heads
     return {
         "num_layers": config.num_hidden_layers,

@@ -9,6 +9,7 @@ visual prompt), the image becomes a visual prompt once, and the engine streams t
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -18,7 +19,11 @@ from mmadapter.serve.generate import TextDelta
 from mmadapter.serve.loader import ServedModel
 from mmadapter.serve.prompting import encode_chat
 from mmadapter.serve.sampling import SamplingParams
+from mmadapter.vision.feature_cache import content_key
 from mmadapter.vision.images import swap_red_blue, to_rgb
+
+#: Visual prompts kept for images seen lately (one generation worker uses them, so no lock is needed).
+RECENT_IMAGES = 8
 
 
 class ImageNotSupportedError(ValueError):
@@ -60,12 +65,20 @@ def visual_inputs(served: ServedModel, image: Image.Image | None) -> dict[str, t
             served.cache["text_only_visual_prompt"] = visual_prompt(model)
         prompt = served.cache["text_only_visual_prompt"]
     else:
-        encoder = getattr(model, ENCODER_ATTRIBUTE)
-        image = to_rgb(image)
-        if model.adapter_config.image_channel_order == "bgr":
-            image = swap_red_blue(image)  # official checkpoints saw BGR pixels presented as RGB (spec §3.8)
-        pixels = encoder.transform()(image)
-        prompt = visual_prompt(model, pixel_values=pixels.unsqueeze(0))
+        # Clients send the conversation's image again with every turn: run CLIP once per picture.
+        recent: OrderedDict[str, torch.Tensor] = served.cache.setdefault("visual_prompts", OrderedDict())
+        key = content_key(image)
+        prompt = recent.get(key)
+        if prompt is None:
+            encoder = getattr(model, ENCODER_ATTRIBUTE)
+            image = to_rgb(image)
+            if model.adapter_config.image_channel_order == "bgr":
+                image = swap_red_blue(image)  # official checkpoints saw BGR pixels presented as RGB (spec §3.8)
+            prompt = visual_prompt(model, pixel_values=encoder.transform()(image).unsqueeze(0))
+            recent[key] = prompt
+            if len(recent) > RECENT_IMAGES:
+                recent.popitem(last=False)
+        recent.move_to_end(key)
     return {} if prompt is None else {VISUAL_PROMPT_KWARG: prompt}
 
 

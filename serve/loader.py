@@ -9,7 +9,6 @@ prompts by hand. `ServedModel.from_model` wraps a model already in memory (the e
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mmadapter.adapters.llama_adapter_v2 import takes_images
 from mmadapter.serve.generate import GenerationEngine
 from mmadapter.serve.sampling import SamplingParams
 from mmadapter.train.templates import PromptTemplate, get_template
@@ -36,12 +36,6 @@ def adapter_method_name(model: nn.Module) -> str | None:
     return None if config is None else config.method
 
 
-def takes_images(model: nn.Module) -> bool:
-    """Whether the attached adapter turns images into a visual prompt (LLaMA-Adapter V2 with a projector)."""
-    config = getattr(model, "adapter_config", None)
-    return bool(getattr(config, "has_vision", False))
-
-
 def merge_for_serving(model: nn.Module) -> None:
     """Fold the adapter's mergeable parts into the base weights; serving never unmerges, so no copies are kept."""
     from mmadapter.adapters.base import get_method
@@ -49,11 +43,7 @@ def merge_for_serving(model: nn.Module) -> None:
     config = getattr(model, "adapter_config", None)
     if config is None:
         return
-    merge = get_method(config.method).merge
-    if "keep_originals" in inspect.signature(merge).parameters:
-        merge(model, config, keep_originals=False)
-    else:
-        merge(model, config)
+    get_method(config.method).merge(model, config, keep_originals=False)
 
 
 @dataclasses.dataclass

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from mmadapter.train.encoding import IGNORE_INDEX
+from mmadapter.train.templates import chatglm_rounds
 
 
 class MalformedRowError(ValueError):
@@ -63,21 +64,15 @@ class ChatGLMRow:
     """`file:line`, for messages about this row."""
 
 
-def round_prompt(query: str, history: Sequence[tuple[str, str]]) -> str:
-    """ChatGLM-6B's multi-turn template: `[Round i]\\n问：q\\n答：r\\n` per past turn, then the open round."""
-    past = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
-    return past + f"[Round {len(history)}]\n问：{query}\n答："
-
-
 def training_prompt(row: ChatGLMRow, config: ChatGLMDataConfig) -> str:
     """Official training rule: the template whenever a history column is configured, even with no history."""
-    prompt = round_prompt(row.query, row.history) if config.history_column else row.query
+    prompt = chatglm_rounds(row.query, row.history) if config.history_column else row.query
     return config.source_prefix + prompt
 
 
 def eval_prompt(row: ChatGLMRow, config: ChatGLMDataConfig) -> str:
     """Official evaluation rule (and `chat()`'s): the raw query when there is no history."""
-    prompt = round_prompt(row.query, row.history) if config.history_column and row.history else row.query
+    prompt = chatglm_rounds(row.query, row.history) if config.history_column and row.history else row.query
     return config.source_prefix + prompt
 
 

@@ -24,7 +24,7 @@ def _meta_llama(args: argparse.Namespace) -> str:
 def _official_v1(args: argparse.Namespace) -> str:
     """Released LLaMA-Adapter V1 `.pth` -> mmadapter adapter folder."""
     from mmadapter.adapters.base import attach_adapter
-    from mmadapter.adapters.checkpoint import save_adapter
+    from mmadapter.adapters.checkpoint import load_adapter_tensors, save_adapter
     from mmadapter.adapters.loading import read_base_config
     from mmadapter.adapters.official_v1 import convert_official_v1, load_official_state
     from mmadapter.adapters.presets import build_base_model
@@ -39,7 +39,7 @@ def _official_v1(args: argparse.Namespace) -> str:
     )
     model = build_base_model(base, device="meta")
     attach_adapter(model, config)
-    model.load_state_dict(tensors, strict=False, assign=True)
+    load_adapter_tensors(model, tensors, str(args.src))
     save_adapter(model, args.dst, prompt_template="alpaca")
     gates = {k: v for k, v in tensors.items() if k.endswith("adapter_gate")}
     largest = max(v.abs().max().item() for v in gates.values())

@@ -149,6 +149,7 @@ def stage_summary(model) -> str:
     """The parameter report of both stages, by V2 parameter group (the loop prints every tensor later)."""
     from collections import Counter
 
+    from mmadapter.adapters.base import trainable_parameters
     from mmadapter.adapters.llama_adapter_v2 import parameter_group
     from mmadapter.adapters.report import parameter_report
 
@@ -157,23 +158,17 @@ def stage_summary(model) -> str:
     for stage in ("caption", "instruction"):
         report = parameter_report(model, stage)
         groups = Counter()
-        for name, param in model.named_parameters():
-            if get_method_trainable(config, name, stage):
-                groups[parameter_group(name, config).removeprefix("fused_").removeprefix("unfused_")] += param.numel()
+        for name, param in trainable_parameters(model, stage).items():
+            groups[parameter_group(name, config).removeprefix("fused_").removeprefix("unfused_")] += param.numel()
         parts = ", ".join(f"{group} {count:,}" for group, count in groups.items())
         lines.append(
             f"{stage + ' stage':<18} trains {report['trainable_params']:>7,} of {report['total_params']:,} parameters "
             f"({100 * report['trainable_fraction']:.2f}%): {parts}"
         )
-    frozen = sum(p.numel() for n, p in model.named_parameters() if not get_method_trainable(config, n, None))
+    adapter = sum(p.numel() for p in trainable_parameters(model, None).values())
+    frozen = sum(p.numel() for p in model.parameters()) - adapter
     lines.append(f"{'frozen':<18} {frozen:>14,} (tiny LLaMA + tiny CLIP tower); saved adapter: all trained groups")
     return "\n".join(lines)
-
-
-def get_method_trainable(config, name: str, stage: str | None) -> bool:
-    from mmadapter.adapters.base import get_method
-
-    return get_method(config.method).is_trainable(name, config, stage)
 
 
 def reference_logits(model, tokenizer, prompts: list[str]):
@@ -267,7 +262,7 @@ def run_demo(options: DemoOptions) -> int:
     # 3. the adapter
     heading(clock, 3, "attaching LLaMA-Adapter V2")
     from mmadapter.adapters import attach_adapter, make_config
-    from mmadapter.vision.feature_cache import CLIPFeatureCache
+    from mmadapter.train.multimodal import feature_cache_for
 
     recipe = build_recipe(
         {"captions": data.captions, "vqa": data.vqa, "instructions": data.instructions},
@@ -284,7 +279,7 @@ def run_demo(options: DemoOptions) -> int:
     torch.manual_seed(options.seed)
     attach_adapter(model, make_config(recipe.adapter.method, recipe.adapter.preset, **recipe.adapter.options))
     say(stage_summary(model))
-    cache = CLIPFeatureCache(recipe.stages[0].data.clip_cache, model.vision_encoder)
+    cache = feature_cache_for(model, recipe.stages[0].data.clip_cache)
     heldout_features = cache.get_or_compute(data.heldout_images).float()
     difference = check_zero_init(model, batch, base_logits, heldout_features[:1].expand(len(check_prompts), -1, -1))
     if difference != 0.0:

@@ -250,12 +250,6 @@ def pretrain_vision_tower(*, seed: int, steps: int, batch_size: int, lr: float, 
 # ---------------------------------------------------------------- the command
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 PARTS = ("language-model", "vision-tower")
 
 
@@ -316,6 +310,8 @@ def build_assets(
 ) -> dict[str, Any]:
     """Build (or rebuild) the demo assets under `output`; parts not rebuilt keep their files and
     manifest entries. Returns the manifest it writes."""
+    from mmadapter.vision.clip_encoder import file_sha256
+
     # One thread: these matrices are too small to gain from more, and single-threaded reductions
     # make the files the same whatever the machine's core count.
     torch.set_num_threads(1)

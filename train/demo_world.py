@@ -205,10 +205,6 @@ def questions(scene: Scene) -> list[tuple[str, str, str]]:
     return items
 
 
-def all_questions(attribute: str) -> tuple[str, ...]:
-    return QUESTIONS[attribute]
-
-
 _MIXES = {("red", "yellow"): "orange", ("blue", "yellow"): "green", ("red", "blue"): "purple"}
 _SIDES = {"triangle": "three", "square": "four", "diamond": "four"}
 _OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "small": "large", "large": "small"}

@@ -16,13 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmadapter.adapters.llama_adapter_v2 import takes_images
 from mmadapter.adapters.prompt_attention import VISUAL_PROMPT_KWARG
 from mmadapter.train.readers import BadSample
-
-
-def has_vision(model: nn.Module) -> bool:
-    config = getattr(model, "adapter_config", None)
-    return bool(getattr(config, "has_vision", False))
 
 
 def model_inputs(
@@ -34,7 +30,7 @@ def model_inputs(
     (the released training shows them an all-zero image).
     """
     inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if has_vision(model):
+    if takes_images(model):
         from mmadapter.adapters.llama_adapter_v2 import visual_prompt
 
         prompt = visual_prompt(
@@ -76,32 +72,28 @@ class CachedFeatureLoader:
         return {"clip_features": self.cache.get(self.keys[path]).float()}
 
 
+def feature_cache_for(model: nn.Module, directory: str | Path):
+    """The CLIP feature cache of this model's frozen encoder (and channel order) under `directory`."""
+    from mmadapter.vision.feature_cache import CLIPFeatureCache
+
+    return CLIPFeatureCache(directory, model.vision_encoder, bgr_quirk=_bgr(model))
+
+
 def warm_feature_cache(
     model: nn.Module, directory: str | Path, paths: list[Path], show_progress: bool
 ) -> tuple[CachedFeatureLoader, list[tuple[Path, str]]]:
     """Compute missing CLIP features for `paths`; returns the loader and (path, error) of unreadable images."""
-    from mmadapter.vision.feature_cache import CLIPFeatureCache, content_key
-    from mmadapter.vision.images import ImageLoadError
-
-    cache = CLIPFeatureCache(directory, model.vision_encoder, bgr_quirk=_bgr(model))
-    keys: dict[Path, str] = {}
-    failed: list[tuple[Path, str]] = []
-    for path in sorted(set(paths)):
-        try:
-            keys[path] = content_key(path)
-        except ImageLoadError as error:
-            failed.append((path, str(error)))
-    result = cache.warm(list(keys), progress=show_progress, skip_errors=True)
-    for error in result.failed:
-        path = Path(error.source)
-        keys.pop(path, None)
-        failed.append((path, str(error)))
+    cache = feature_cache_for(model, directory)
+    unique = sorted(set(paths))
+    result = cache.warm(unique, progress=show_progress, skip_errors=True)  # reads and hashes each file once
+    keys = {path: key for path, key in zip(unique, result.keys, strict=True) if key is not None}
+    failed = [(Path(error.source), str(error)) for error in result.failed]
     return CachedFeatureLoader(cache, keys), failed
 
 
 def image_loader_for(model: nn.Module, clip_cache: str | None, samples: list, show_progress: bool, train: bool = True):
     """(image loader, bad samples whose image is unreadable) for `samples`; `train` picks the random crop."""
-    if not has_vision(model):
+    if not takes_images(model):
         return None, []
     if clip_cache is None:
         return pixel_loader(model, train), []

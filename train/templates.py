@@ -38,13 +38,16 @@ def alpaca_prompt(instruction: str, input: str = "", history: Sequence[Turn] = (
     return past + ALPACA_NO_INPUT.format(instruction=instruction)
 
 
+def chatglm_rounds(query: str, history: Sequence[Turn]) -> str:
+    """ChatGLM-6B's round format: `[Round i]\\n问：q\\n答：r\\n` per past turn, then the open round."""
+    past = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
+    return past + f"[Round {len(history)}]\n问：{query}\n答："
+
+
 def chatglm_prompt(instruction: str, input: str = "", history: Sequence[Turn] = ()) -> str:
-    """ChatGLM-6B's round format: `[Round i]\\n问：q\\n答：r\\n`, then the open round."""
+    """ChatGLM-6B's `chat()` prompt: the bare query on the first turn, the round format after."""
     query = f"{instruction}\n{input}" if input else instruction
-    if not history:
-        return query
-    rounds = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
-    return rounds + f"[Round {len(history)}]\n问：{query}\n答："
+    return chatglm_rounds(query, history) if history else query
 
 
 def chat65b_prompt(instruction: str, input: str = "", history: Sequence[Turn] = ()) -> str:

@@ -287,6 +287,17 @@ class FrozenCLIPEncoder(nn.Module):
         x = visual.transformer(visual.ln_pre(x))  # patch dropout is the identity in eval mode
         return visual.ln_post(x) @ visual.proj
 
+    def zero_image_features(self) -> torch.Tensor:
+        """Tokens (1, num_tokens, output_dim) of the all-zero image that text-only samples see in the released
+        training. The tower is frozen, so they are computed once per weights, device and dtype, not per batch."""
+        weight = self.visual.conv1.weight
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        cached = getattr(self, "_zero_image_cache", None)
+        if cached is None or cached[0] != key:
+            pixels = torch.zeros(1, 3, *self.image_size, device=self.device, dtype=self.dtype)
+            self._zero_image_cache = (key, self(pixels))
+        return self._zero_image_cache[1]
+
     def transform(self, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
         """This model's preprocessing: eval (resize, center crop) or train (random resized crop)."""
         return clip_transform(self.preprocess_cfg, train=train)

@@ -52,6 +52,8 @@ class WarmResult:
     computed: int = 0
     cached: int = 0
     failed: list[ImageLoadError] = field(default_factory=list)
+    keys: list[str | None] = field(default_factory=list)
+    """Each item's cache key, in the order given (None for a skipped file): look-ups need no second hash."""
 
 
 def content_key(item: ImageItem, data: bytes | None = None) -> str:
@@ -191,6 +193,7 @@ class CLIPFeatureCache:
             bar.close()
             self._commit(pending)
         result.cached = sum(key is not None for key in keys) - result.computed
+        result.keys = keys
         return keys, result
 
     @staticmethod

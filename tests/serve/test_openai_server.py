@@ -12,6 +12,7 @@ import time
 import openai
 import pytest
 import torch
+from PIL import Image
 from serve_helpers import MODEL_NAME
 
 from mmadapter.serve.chat import ChatTurn, stream_turn, visual_inputs
@@ -115,8 +116,6 @@ def _image_part(url):
 def png_data_url(size: tuple[int, int] = (40, 30), colour: str = "red") -> str:
     import base64
     import io
-
-    from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format="PNG")
@@ -312,3 +311,21 @@ def test_remote_image_urls_work_only_when_the_operator_allows_them(served_v2, st
     finally:
         files.shutdown()
         files.server_close()
+
+
+def test_an_image_sent_again_reuses_its_visual_prompt(served_v2):
+    """Clients resend the conversation's picture with every turn: CLIP runs once per picture, same prompt."""
+    from mmadapter.adapters.llama_adapter_v2 import ENCODER_ATTRIBUTE
+    from mmadapter.adapters.prompt_attention import VISUAL_PROMPT_KWARG
+
+    encoder_calls = []
+    hook = getattr(served_v2.model, ENCODER_ATTRIBUTE).register_forward_hook(lambda *_: encoder_calls.append(1))
+    red = Image.new("RGB", (40, 30), "red")
+    first = visual_inputs(served_v2, red)[VISUAL_PROMPT_KWARG]
+    again = visual_inputs(served_v2, red.copy())[VISUAL_PROMPT_KWARG]  # the same pixels in a new object
+    blue = visual_inputs(served_v2, Image.new("RGB", (40, 30), "blue"))[VISUAL_PROMPT_KWARG]
+    hook.remove()
+    assert len(encoder_calls) == 2
+    assert torch.equal(again, first) and not torch.equal(blue, first)
+    served_v2.cache.clear()
+    assert torch.equal(visual_inputs(served_v2, red)[VISUAL_PROMPT_KWARG], first)  # what a fresh computation gives
