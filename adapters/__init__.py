@@ -1,4 +1,5 @@
-"""The language side of mmadapter: base models, adapter methods, adapter checkpoints.
+"""The language side of mmadapter, in three layers: `backbones` (base models), `methods` (the adapters
+that attach to them) and `io` (adapter folders, official checkpoints, the hub).
 
 Typical use::
 
@@ -8,16 +9,9 @@ Typical use::
     mark_trainable(model)
 """
 
-# Importing a method module registers it (see `register_method`); importing `chatglm` registers the
-# ChatGLM-6B backbone (model class, tokenizer loader, transformers Auto classes).
-from mmadapter.adapters import (
-    chatglm,  # noqa: F401
-    llama_adapter_v1,  # noqa: F401
-    llama_adapter_v2,  # noqa: F401
-    lora,  # noqa: F401
-    ptuning_v2,  # noqa: F401
-)
-from mmadapter.adapters.base import (
+from mmadapter.adapters.backbones import BASE_PRESETS, build_base_model, load_base_model, load_tokenizer
+from mmadapter.adapters.io.checkpoint import load_adapter, save_adapter
+from mmadapter.adapters.methods.base import (
     AdapterConfig,
     AdapterMethod,
     adapter_config_of,
@@ -32,10 +26,7 @@ from mmadapter.adapters.base import (
     register_method,
     trainable_parameters,
 )
-from mmadapter.adapters.checkpoint import load_adapter, save_adapter
-from mmadapter.adapters.llama_adapter_v1 import LlamaAdapterV1Config
-from mmadapter.adapters.loading import load_base_model, load_tokenizer
-from mmadapter.adapters.presets import BASE_PRESETS, build_base_model
+from mmadapter.adapters.methods.llama_adapter_v1 import LlamaAdapterV1Config
 
 __all__ = [
     "AdapterConfig",

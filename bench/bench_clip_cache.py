@@ -37,8 +37,8 @@ TOWERS = {
 
 
 def write_captions(folder: Path, count: int) -> Path:
-    from mmadapter.train import demo_world as world
-    from mmadapter.train.demo_data import image_name, write_images
+    from mmadapter.cli.demo import world
+    from mmadapter.cli.demo.data import image_name, write_images
 
     scenes = [world.make_scene(0, i) for i in range(count)]
     write_images(scenes, folder / "images", 64, "render images")
@@ -49,7 +49,7 @@ def write_captions(folder: Path, count: int) -> Path:
 
 
 def caption_recipe(captions: Path, output: Path, clip_model: str, clip_weights: str | None, cache: Path | None):
-    from mmadapter.train.demo_assets import ASSETS_DIR, LANGUAGE_MODEL_DIR
+    from mmadapter.cli.demo.assets import ASSETS_DIR, LANGUAGE_MODEL_DIR
     from mmadapter.train.recipe import parse_recipe
 
     options = {"prompt_length": 4, "clip_model": clip_model, "visual_width": 64, "visual_depth": 1, "visual_heads": 2}
@@ -91,7 +91,7 @@ def epoch_cpu_seconds(recipe) -> tuple[float, int]:
 def build_cache(recipe, captions: Path, cache: Path) -> float:
     """CPU seconds to fill the cache for every image (the one-time cost)."""
     from mmadapter.adapters import attach_adapter, make_config
-    from mmadapter.adapters.loading import load_base_model
+    from mmadapter.adapters.backbones.loading import load_base_model
     from mmadapter.train.multimodal import warm_feature_cache
 
     model = load_base_model(recipe.model.base)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    from mmadapter.train.demo_assets import ASSETS_DIR, VISION_TOWER_DIR
+    from mmadapter.cli.demo.assets import ASSETS_DIR, VISION_TOWER_DIR
 
     count = 96 if args.quick else 256
     rows = {}

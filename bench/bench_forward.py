@@ -21,7 +21,7 @@ import torch
 from benchlib import RESULTS, write_results
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config
-from mmadapter.adapters.presets import llama_config
+from mmadapter.adapters.backbones.presets import llama_config
 
 
 def median_ms(run, repeats: int) -> float:

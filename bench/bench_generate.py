@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config
-from mmadapter.adapters.presets import llama_config
+from mmadapter.adapters.backbones.presets import llama_config
 from mmadapter.serve.chat import visual_inputs
 from mmadapter.serve.loader import ServedModel, merge_for_serving
 from mmadapter.serve.sampling import SamplingParams

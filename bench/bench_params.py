@@ -1,6 +1,6 @@
 """Trainable-parameter counts of every method and preset at 7B/13B/33B/65B and ChatGLM-6B, next to the papers'.
 
-Counted the way `mmadapter info` counts (`mmadapter.adapters.report.parameter_report` on a model built on
+Counted the way `mmadapter info` counts (`mmadapter.adapters.methods.report.parameter_report` on a model built on
 the meta device: no weights, no memory), so a 65B row takes a second. Rows whose method and base do not
 fit (LLaMA-Adapter on ChatGLM, a ChatGLM LoRA preset on LLaMA) are listed as skipped. Published figures
 (spec llama-adapter.md §5, §8; chatglm-6b-ptuning-v2.md): V1 1.2M (1,229,760 exactly) at 7B; V2 "14M" =
@@ -38,7 +38,7 @@ PAPER = {
 
 def variants() -> list[tuple[str, str | None]]:
     """(method, preset) pairs: every method's defaults and every preset it ships."""
-    from mmadapter.adapters.base import available_methods, get_method
+    from mmadapter.adapters.methods.base import available_methods, get_method
 
     pairs = []
     for method in available_methods():
@@ -49,9 +49,9 @@ def variants() -> list[tuple[str, str | None]]:
 
 def count(base: str, method: str, preset: str | None) -> list[dict]:
     """Rows for one (base, method, preset): one per training stage (plus the saved total) for staged methods."""
-    from mmadapter.adapters.base import attach_adapter, get_method, make_config
-    from mmadapter.adapters.presets import base_config, build_base_model
-    from mmadapter.adapters.report import parameter_report
+    from mmadapter.adapters.backbones.presets import base_config, build_base_model
+    from mmadapter.adapters.methods.base import attach_adapter, get_method, make_config
+    from mmadapter.adapters.methods.report import parameter_report
 
     model = build_base_model(base_config(base), device="meta")
     attach_adapter(model, make_config(method, preset))

@@ -38,7 +38,7 @@ from benchlib import RESULTS, saved_for_backward, write_results
 from transformers import LlamaConfig
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, mark_trainable
-from mmadapter.adapters.presets import llama_config
+from mmadapter.adapters.backbones.presets import llama_config
 
 #: name -> (config, batch, sequence length, generated tokens, adapted layers, prompt length, prefix length)
 CPU_SIZES = {

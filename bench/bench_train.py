@@ -29,8 +29,8 @@ import torch
 from benchlib import RESULTS, saved_for_backward, write_results
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, optimizer_param_groups
-from mmadapter.adapters.base import mark_trainable, no_weight_decay
-from mmadapter.adapters.presets import llama_config
+from mmadapter.adapters.backbones.presets import llama_config
+from mmadapter.adapters.methods.base import mark_trainable, no_weight_decay
 from mmadapter.train.loop import TokenLoss
 
 

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from PIL import Image
 
+from mmadapter.adapters.methods.llama_adapter_v2 import ENCODER_ATTRIBUTE, visual_prompt
+from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
 from mmadapter.serve.generate import TextDelta
 from mmadapter.serve.loader import ServedModel
 from mmadapter.serve.prompting import encode_chat
@@ -55,8 +57,6 @@ def visual_inputs(served: ServedModel, image: Image.Image | None) -> dict[str, t
                 f"this model ({served.method or 'no adapter'}) does not take images; send text only"
             )
         return {}
-    from mmadapter.adapters.llama_adapter_v2 import ENCODER_ATTRIBUTE, visual_prompt
-    from mmadapter.adapters.prompt_attention import VISUAL_PROMPT_KWARG
 
     model = served.model
     if image is None:

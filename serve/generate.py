@@ -8,7 +8,7 @@ CPU here (less per-step bookkeeping), and it is exact: greedy output equals `gen
 token for token (tests/serve/test_generate.py).
 
 Adapter work happens once per request, not per token: LLaMA-Adapter prompt keys/values are
-cached by `mmadapter.adapters.prompt_attention` while autograd is off, a visual prompt is
+cached by `mmadapter.adapters.methods.prompt_attention` while autograd is off, a visual prompt is
 computed by the caller once and passed unchanged to every step, and V2 bias/scale and LoRA are
 merged into the weights by the loader (`mmadapter.serve.loader`).
 """

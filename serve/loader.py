@@ -16,10 +16,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mmadapter.adapters.llama_adapter_v2 import takes_images
+from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
+from mmadapter.adapters.backbones.presets import BASE_PRESETS
+from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
+from mmadapter.adapters.io.hub import download_adapter
+from mmadapter.adapters.methods.base import get_method
+from mmadapter.adapters.methods.llama_adapter_v2 import takes_images
+from mmadapter.core.templates import PromptTemplate, get_template
 from mmadapter.serve.generate import GenerationEngine
 from mmadapter.serve.sampling import SamplingParams
-from mmadapter.train.templates import PromptTemplate, get_template
 
 #: Template for a base model without an adapter (or an adapter saved without one), by model_type.
 DEFAULT_TEMPLATES = {"llama": "alpaca", "chatglm": "chatglm"}
@@ -38,7 +43,6 @@ def adapter_method_name(model: nn.Module) -> str | None:
 
 def merge_for_serving(model: nn.Module) -> None:
     """Fold the adapter's mergeable parts into the base weights; serving never unmerges, so no copies are kept."""
-    from mmadapter.adapters.base import get_method
 
     config = getattr(model, "adapter_config", None)
     if config is None:
@@ -113,10 +117,6 @@ def load_served_model(
     bfloat16 on CUDA and float32 on CPU; `device` to CUDA when available. The template defaults
     to the adapter's saved `prompt_template`, then to the base model's usual one.
     """
-    from mmadapter.adapters.checkpoint import load_adapter, read_adapter_config
-    from mmadapter.adapters.hub import download_adapter
-    from mmadapter.adapters.loading import load_base_model, load_tokenizer
-    from mmadapter.adapters.presets import BASE_PRESETS
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)

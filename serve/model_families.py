@@ -16,6 +16,10 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
+from mmadapter.adapters.backbones.chatglm.chat import InvalidScoreLogitsProcessor, process_response
+from mmadapter.adapters.backbones.chatglm.masks import glm_position_ids
+from mmadapter.adapters.backbones.chatglm.modeling import special_ids
+
 
 class CausalLMInputs:
     """Inputs of a transformers decoder (LLaMA): left padding, positions counted over real tokens.
@@ -60,8 +64,6 @@ class GLMInputs:
     """Inputs of ChatGLM-6B: the 2-D padding mask over cached + new tokens, and GLM positions of the new ones."""
 
     def __init__(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        from mmadapter.adapters.chatglm.masks import glm_position_ids
-        from mmadapter.adapters.chatglm.modeling import special_ids
 
         self.model = model
         self.input_ids = input_ids
@@ -95,13 +97,11 @@ class GLMInputs:
 
 
 def _glm_processors(tokenizer: PreTrainedTokenizerBase) -> list[LogitsProcessor]:
-    from mmadapter.adapters.chatglm.chat import InvalidScoreLogitsProcessor
 
     return [InvalidScoreLogitsProcessor(tokenizer.convert_tokens_to_ids("▁"))]
 
 
 def _glm_process_response(text: str) -> str:
-    from mmadapter.adapters.chatglm.chat import process_response
 
     return process_response(text)
 

@@ -1,6 +1,6 @@
 """Prompt token ids exactly as training built them, so a served adapter sees what it learned on.
 
-LLaMA-style: `mmadapter.train.encoding.encode_prompt`, the training encoding without the last reply
+LLaMA-style: `mmadapter.core.encoding.encode_prompt`, the training encoding without the last reply
 (BOS, the rendered conversation tokenized once, EOS after every finished assistant reply). ChatGLM-6B (spec
 chatglm-6b-ptuning-v2 §2.8, §4): the rendered rounds tokenized, then `[gMASK] <sop>`.
 """
@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from mmadapter.train.encoding import encode_prompt
-from mmadapter.train.readers import Example
-from mmadapter.train.templates import PromptTemplate
+from mmadapter.core.encoding import encode_prompt
+from mmadapter.core.examples import Example
+from mmadapter.core.templates import PromptTemplate
 
 
 def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -7,7 +7,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from mmadapter.adapters.presets import base_config, build_base_model
+from mmadapter.adapters.backbones.presets import base_config, build_base_model
 
 CORPUS = [
     "你好，世界！今天天气很好。",
@@ -74,6 +74,6 @@ def glm_vocab_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def glm_tokenizer(glm_vocab_file):
-    from mmadapter.adapters.chatglm import ChatGLMTokenizer
+    from mmadapter.adapters.backbones.chatglm import ChatGLMTokenizer
 
     return ChatGLMTokenizer(str(glm_vocab_file))

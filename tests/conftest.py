@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmadapter.adapters.presets import base_config, build_base_model
+from mmadapter.adapters.backbones.presets import base_config, build_base_model
 
 # ChatGLM's tiny model and sentencepiece tokenizer are shared by the adapters, train and serve tests.
 pytest_plugins = ("tests.chatglm_fixtures",)

@@ -8,16 +8,13 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {
-    "adapters": "mmadapter.adapters",
-    "vision": "mmadapter.vision",
-    "train": "mmadapter.train",
-    "serve": "mmadapter.serve",
-}
+SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+#: folder -> package, as pyproject maps them (cli, train, serve, adapters, vision, core).
+FOLDERS = {folder: package for package, folder in SETUPTOOLS["package-dir"].items()}
 
 
 def test_every_package_folder_is_listed():
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(SETUPTOOLS["packages"])
     found = set()
     for folder, package in FOLDERS.items():
         for init in (ROOT / folder).rglob("__init__.py"):
@@ -32,13 +29,14 @@ def _python_outside_repo(code: str, tmp_path: Path) -> subprocess.CompletedProce
 
 def test_namespace_imports_from_outside_the_repo(tmp_path):
     result = _python_outside_repo(
-        "import mmadapter.adapters, mmadapter.vision, mmadapter.train, mmadapter.serve, mmadapter.train.cli", tmp_path
+        "import mmadapter.adapters, mmadapter.vision, mmadapter.train, mmadapter.serve, mmadapter.cli.main, mmadapter.core",
+        tmp_path,
     )
     assert result.returncode == 0, result.stderr
 
 
 def test_bare_top_level_names_are_not_installed(tmp_path):
-    for name in ("train", "serve", "vision", "adapters"):
+    for name in FOLDERS:
         result = _python_outside_repo(f"import {name}", tmp_path)
         if name == "adapters" and result.returncode == 0:
             # AdapterHub's `adapters` package may be installed independently; it must not be ours.
@@ -48,6 +46,10 @@ def test_bare_top_level_names_are_not_installed(tmp_path):
         assert result.returncode != 0, f"`import {name}` should fail outside the repo"
 
 
-def test_console_script_runs():
-    result = subprocess.run([sys.executable, "-m", "mmadapter.train.cli", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "info" in result.stdout
+def test_installed_console_script_runs(tmp_path):
+    """The `mmadapter` script pip installed beside this interpreter (not `python -m`), run outside the repo."""
+    script = Path(sys.executable).parent / "mmadapter"
+    assert script.is_file(), f"no console script at {script}: is the package installed?"
+    result = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert all(command in result.stdout for command in ("info", "train", "demo", "serve"))

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from mmadapter.train.encoding import IGNORE_INDEX
-from mmadapter.train.templates import chatglm_rounds
+from mmadapter.core.encoding import IGNORE_INDEX
+from mmadapter.core.templates import chatglm_rounds
 
 
 class MalformedRowError(ValueError):
@@ -191,7 +192,6 @@ class ChatGLMTrainingDataset(torch.utils.data.Dataset):
         on_error: Callable[[MalformedRowError], None] | None = None,
         progress: bool = True,
     ) -> None:
-        from tqdm.auto import tqdm
 
         rows = tqdm(read_rows(path, config, on_error), desc=f"tokenizing {Path(path).name}", disable=not progress)
         self.examples = [

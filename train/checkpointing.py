@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmadapter.adapters.base import trainable_parameters
-from mmadapter.adapters.checkpoint import atomic_write_bytes, load_adapter_weights, save_adapter
+from mmadapter.adapters.io.checkpoint import load_adapter_weights, save_adapter
+from mmadapter.adapters.methods.base import trainable_parameters
+from mmadapter.core.files import atomic_write_bytes
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -66,7 +67,7 @@ def gathered_adapter(accelerator, model: torch.nn.Module) -> dict[str, torch.Ten
     (DTensor parameters) and DeepSpeed ZeRO-3 they are gathered from all shards."""
     params = trainable_parameters(model, None)
     if accelerator.distributed_type.value == "DEEPSPEED":
-        import deepspeed
+        import deepspeed  # only installed where DeepSpeed runs
 
         with deepspeed.zero.GatheredParameters(list(params.values())):
             return {name: p.detach().to("cpu", copy=True) for name, p in params.items()}

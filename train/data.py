@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmadapter.train.encoding import IGNORE_INDEX, Encoded, encode
-from mmadapter.train.readers import BadSample, DataError, Example, read_examples
+from mmadapter.core.encoding import IGNORE_INDEX, Encoded, encode
+from mmadapter.core.examples import DataError, Example
+from mmadapter.core.templates import get_template
+from mmadapter.train.chatglm_data import ChatGLMDataConfig, ChatGLMRow, build_training_example, training_prompt
+from mmadapter.train.readers import BadSample, read_examples
 from mmadapter.train.recipe import DataSection, DataSource
-from mmadapter.train.templates import get_template
 
 #: image path -> model inputs for that image, e.g. {"pixel_values": (3, H, W)}; raises ValueError/OSError.
 ImageLoader = Callable[[Path], dict[str, torch.Tensor]]
@@ -43,7 +45,6 @@ def encode_llama_style(example: Example, tokenizer, data: DataSection, source: D
 def encode_chatglm(example: Example, tokenizer, data: DataSection, source: DataSource) -> Encoded:
     """The official P-Tuning v2 layout (prompt [gMASK] <sop> answer <eop>), built by train/chatglm_data.py;
     its padding to max_source_length + max_target_length is dropped (batches are padded dynamically)."""
-    from mmadapter.train.chatglm_data import ChatGLMRow, build_training_example, training_prompt
 
     config = chatglm_data_config(data, source)
     (*history, (query, response)) = example.turns
@@ -58,7 +59,6 @@ def encode_chatglm(example: Example, tokenizer, data: DataSection, source: DataS
 
 def chatglm_data_config(data: DataSection, source: DataSource):
     """The official data arguments from a recipe: lengths from `data`, columns from the source's options."""
-    from mmadapter.train.chatglm_data import ChatGLMDataConfig
 
     return ChatGLMDataConfig(
         max_source_length=data.max_source_length, max_target_length=data.max_target_length, **source.options

@@ -14,12 +14,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmadapter.adapters.checkpoint import load_adapter, read_adapter_config
+from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
+from mmadapter.adapters.backbones.presets import BASE_PRESETS
+from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
+from mmadapter.core.encoding import encode_prompt
+from mmadapter.core.examples import Example
+from mmadapter.core.templates import get_template
+from mmadapter.train.chatglm_data import ChatGLMRow, build_eval_example, eval_prompt
 from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, chatglm_data_config, load_samples
-from mmadapter.train.encoding import encode_prompt
-from mmadapter.train.readers import Example, read_examples
+from mmadapter.train.loop import TokenLoss, evaluate, pad_token_id, plain_accelerator
+from mmadapter.train.metrics import corpus_scores
+from mmadapter.train.multimodal import image_loader_for
+from mmadapter.train.readers import read_examples
 from mmadapter.train.recipe import DataSection, DataSource, parse_recipe
-from mmadapter.train.templates import get_template
 
 #: Official sampling settings of the ChatGLM P-Tuning v2 evaluation.
 OFFICIAL_SAMPLING = {"do_sample": True, "top_p": 0.7, "temperature": 0.95}
@@ -35,8 +42,6 @@ def saved_recipe(adapter_dir: str | Path):
 
 def load_for_eval(adapter_dir: str | Path, base: str | None = None, tokenizer: str | None = None, dtype=None):
     """(model with the adapter, tokenizer, data settings of the last training stage or defaults)."""
-    from mmadapter.adapters.loading import load_base_model, load_tokenizer
-    from mmadapter.adapters.presets import BASE_PRESETS
 
     document = read_adapter_config(adapter_dir)
     recipe = saved_recipe(adapter_dir)
@@ -56,8 +61,6 @@ def load_for_eval(adapter_dir: str | Path, base: str | None = None, tokenizer: s
 
 def loss_and_perplexity(model, tokenizer, sources: list[DataSource], data: DataSection, batch_size: int) -> dict:
     """Mean loss per response token of `model` on `sources`, and its perplexity."""
-    from mmadapter.train.loop import TokenLoss, evaluate, pad_token_id, plain_accelerator
-    from mmadapter.train.multimodal import image_loader_for
 
     bad = BadSampleLog("skip", max_fraction=1.0)
     samples = load_samples(sources, tokenizer, data, [None], None, bad)
@@ -74,8 +77,6 @@ def loss_and_perplexity(model, tokenizer, sources: list[DataSource], data: DataS
 
 def _prompt_and_reference(example: Example, tokenizer, data: DataSection, source: DataSource) -> tuple[list[int], str]:
     if source.format == "chatglm":
-        from mmadapter.train.chatglm_data import ChatGLMRow, build_eval_example, eval_prompt
-
         config = chatglm_data_config(data, source)
         (*history, (query, response)) = example.turns
         row = ChatGLMRow(query, response, tuple(history), example.source)
@@ -100,7 +101,6 @@ def generation_scores(
     limit: int | None = None,
 ) -> dict[str, Any]:
     """Generate an answer for every text sample and score it with the official ROUGE / BLEU-4."""
-    from mmadapter.train.metrics import corpus_scores
 
     torch.manual_seed(seed)
     predictions, references = [], []

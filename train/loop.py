@@ -33,18 +33,25 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmadapter.adapters.base import (
+from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
+from mmadapter.adapters.backbones.presets import BASE_PRESETS
+from mmadapter.adapters.io.checkpoint import load_adapter_weights, save_adapter
+from mmadapter.adapters.methods.base import (
     adapter_config_of,
     attach_adapter,
     make_config,
     optimizer_param_groups,
     trainable_parameters,
 )
-from mmadapter.adapters.checkpoint import load_adapter_weights, save_adapter
-from mmadapter.adapters.report import format_report, parameter_report
+from mmadapter.adapters.methods.report import format_report, parameter_report
+from mmadapter.core.encoding import IGNORE_INDEX
+from mmadapter.core.examples import DataError
 from mmadapter.train.batching import epoch_batches, eval_batches, process_batches, steps_per_epoch
 from mmadapter.train.checkpointing import (
     CHECKPOINTS,
@@ -58,9 +65,7 @@ from mmadapter.train.checkpointing import (
     set_rng_state,
 )
 from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, load_samples, sample_kinds
-from mmadapter.train.encoding import IGNORE_INDEX
 from mmadapter.train.multimodal import image_loader_for, model_inputs
-from mmadapter.train.readers import DataError
 from mmadapter.train.recipe import Recipe, StageSection, dump_recipe
 from mmadapter.train.reporting import CURVE_FILE, flat_hparams, plot_loss_curve, tracker_for, write_summary
 from mmadapter.train.schedule import make_scheduler
@@ -138,7 +143,6 @@ def train(
     `model` (a base model, with or without the recipe's adapter attached) and `tokenizer` replace
     loading them from `recipe.model`; `on_log` receives every logged record (step, loss, lr, …).
     """
-    from accelerate.utils import set_seed
 
     output_dir = Path(recipe.output_dir)
     checkpoint = find_checkpoint(resume) if resume is not None else None
@@ -183,10 +187,12 @@ def run_stage(run: Run, index: int, stage: StageSection, progress: Progress, res
     """Train one stage of the recipe from `progress` (fresh, or restored from a checkpoint)."""
     accelerator, model, config, data = run.accelerator, run.model, stage.train, stage.data
     stages = run.recipe.stages
-    run.print(f"== stage {index + 1}/{len(stages)}: {stage.name}" + (f" ({stage.stage})" if stage.stage else ""))
+    run.print(
+        f"== stage {index + 1}/{len(stages)}: {stage.name}" + (f" (trains {stage.trains})" if stage.trains else "")
+    )
 
     # 1. What trains: the selector alone, for every kind of data in this stage.
-    kinds = sample_kinds(data.train, stage.stage)
+    kinds = sample_kinds(data.train, stage.trains)
     params_by_kind = {kind: list(trainable_parameters(model, kind).values()) for kind in kinds}
     model.requires_grad_(False)
     for params in params_by_kind.values():
@@ -295,8 +301,6 @@ def run_stage(run: Run, index: int, stage: StageSection, progress: Progress, res
 
 def make_accelerator(recipe: Recipe, output_dir: Path):
     """One Accelerator for the run (mixed precision, trackers, DDP options come from the first stage)."""
-    from accelerate import DistributedDataParallelKwargs
-    from accelerate.utils import ProjectConfiguration
 
     config = recipe.stages[0].train
     precision = config.mixed_precision
@@ -322,8 +326,6 @@ def make_accelerator(recipe: Recipe, output_dir: Path):
 
 def plain_accelerator(precision: str = "no", **kwargs):
     """An Accelerator; in a single process, a later run may use another precision than an earlier one."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
 
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") != precision and PartialState().num_processes == 1:
@@ -340,8 +342,6 @@ def has_accelerator_device() -> bool:
 
 def build_model(recipe: Recipe, model: nn.Module | None, tokenizer) -> tuple[nn.Module, Any]:
     """The base model with the recipe's adapter attached (or `init_from`'s weights), and its tokenizer."""
-    from mmadapter.adapters.loading import load_base_model, load_tokenizer
-    from mmadapter.adapters.presets import BASE_PRESETS
 
     section = recipe.model
     if tokenizer is None:
@@ -392,10 +392,10 @@ def load_stage_data(run: Run, stage: StageSection, kinds: list[str | None]):
     accelerator, data = run.accelerator, stage.data
     bad = BadSampleLog(data.on_bad_sample, data.max_bad_fraction)
     show = accelerator.is_local_main_process
-    samples = load_samples(data.train, run.tokenizer, data, kinds, stage.stage, bad, show_progress=show)
+    samples = load_samples(data.train, run.tokenizer, data, kinds, stage.trains, bad, show_progress=show)
     eval_samples = samples[: data.eval_from_train]
     if data.eval:
-        eval_samples += load_samples(data.eval, run.tokenizer, data, kinds, stage.stage, bad, show_progress=show)
+        eval_samples += load_samples(data.eval, run.tokenizer, data, kinds, stage.trains, bad, show_progress=show)
     loader = eval_loader = None
     with_images = list({s.source: s for s in samples + eval_samples if s.image is not None}.values())
     if with_images:
@@ -671,7 +671,7 @@ def stage_summary(stage: StageSection, progress: Progress, report: dict[str, Any
     eval_losses = [e["eval_loss"] for e in progress.evals]
     return {
         "stage": stage.name,
-        "adapter_stage": stage.stage,
+        "adapter_stage": stage.trains,
         "steps": progress.step,
         "tokens": progress.tokens,
         "wall_time_seconds": round(progress.wall_time, 3),

@@ -30,7 +30,7 @@ class JiebaTokenizer:
 
 @cache
 def _jieba():
-    import jieba
+    import jieba  # the optional `metrics` extra, like rouge_score and nltk below
 
     jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict" chatter on every run
     return jieba

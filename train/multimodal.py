@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmadapter.adapters.llama_adapter_v2 import takes_images
-from mmadapter.adapters.prompt_attention import VISUAL_PROMPT_KWARG
+from mmadapter.adapters.methods.llama_adapter_v2 import takes_images, visual_prompt
+from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
 from mmadapter.train.readers import BadSample
+from mmadapter.vision.feature_cache import CLIPFeatureCache
+from mmadapter.vision.images import load_image
 
 
 def model_inputs(
@@ -31,8 +33,6 @@ def model_inputs(
     """
     inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if takes_images(model):
-        from mmadapter.adapters.llama_adapter_v2 import visual_prompt
-
         prompt = visual_prompt(
             model,
             pixel_values=images.get("pixel_values"),
@@ -51,7 +51,6 @@ def _bgr(model: nn.Module) -> bool:
 def pixel_loader(model: nn.Module, train: bool = True) -> Callable[[Path], dict[str, torch.Tensor]]:
     """path -> {"pixel_values": (3, H, W)} with the encoder's training (random resized crop) or eval
     transform; errors name the file."""
-    from mmadapter.vision.images import load_image
 
     transform = model.vision_encoder.transform(train=train)
     bgr = _bgr(model)
@@ -74,7 +73,6 @@ class CachedFeatureLoader:
 
 def feature_cache_for(model: nn.Module, directory: str | Path):
     """The CLIP feature cache of this model's frozen encoder (and channel order) under `directory`."""
-    from mmadapter.vision.feature_cache import CLIPFeatureCache
 
     return CLIPFeatureCache(directory, model.vision_encoder, bgr_quirk=_bgr(model))
 

@@ -20,29 +20,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mmadapter.core.examples import DataError, Example
+from mmadapter.train.chatglm_data import ChatGLMDataConfig, read_rows
+
 #: Roles accepted in conversation files, mapped to user / assistant.
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 IMAGE_TOKEN = "<image>"
-
-
-class DataError(ValueError):
-    """A data file or sample that training cannot use; the message names the file and line or index."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One training sample before tokenization."""
-
-    source: str
-    """Where it came from: `file.jsonl:12` (line) or `file.json[11]` (index in a JSON list)."""
-    turns: tuple[tuple[str, str], ...]
-    """(user message, assistant reply) pairs; one pair for single-turn data."""
-    input: str = ""
-    """Alpaca's optional input of a single-turn instruction."""
-    image: Path | None = None
-    caption: bool = False
-    """A caption sample: rendered with the caption instruction, trains the caption stage in mixed runs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +184,6 @@ def read_coco_captions(
 def read_chatglm(path: Path, images: Path, options: dict[str, Any], limit: int | None = None):
     """AdvertiseGen-style rows, read by the official rules of train/chatglm_data.py (rows with an empty
     prompt or response are dropped silently, as ptuning/main.py does); options are its column settings."""
-    from mmadapter.train.chatglm_data import ChatGLMDataConfig, read_rows
 
     allowed = {"prompt_column", "response_column", "history_column", "source_prefix", "ignore_pad_token_for_loss"}
     unknown = sorted(set(options) - allowed)

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import types
 import typing
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -118,8 +119,9 @@ class TrainSection:
 @dataclasses.dataclass
 class StageSection:
     name: str
-    stage: str | None = None
-    """The adapter method's training stage (V2: caption, instruction); None for one-stage methods."""
+    trains: str | None = None
+    """Which of the adapter method's parameter sets this stage trains (V2: caption or instruction, its
+    disjoint training stages); None for one-stage methods. Was `stage:` before 0.2 (still read, with a warning)."""
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
 
@@ -301,6 +303,22 @@ def _for_every_stage(document: dict[str, Any], overrides: dict[str, Any]) -> dic
     return expanded
 
 
+def _renamed_stage_key(stage: dict[str, Any], index: int) -> dict[str, Any]:
+    """Recipes before 0.2 said `stage:` for what is now `trains:` (a stage's `stage` read as a recipe stage)."""
+    if "stage" not in stage:
+        return stage
+    if "trains" in stage:
+        raise ValueError(f"stages.{index}: give `trains` only (`stage` is its old name)")
+    warnings.warn(
+        f"stages.{index}.stage is deprecated: call it `trains` (which parameter set the stage trains)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    stage = dict(stage)
+    stage["trains"] = stage.pop("stage")
+    return stage
+
+
 def _resolve_stages(document: dict[str, Any]) -> dict[str, Any]:
     """Spell out every stage: defaults from top-level train/data, then the stage's own overrides."""
     document = dict(document)
@@ -317,7 +335,7 @@ def _resolve_stages(document: dict[str, Any]) -> dict[str, Any]:
     for i, stage in enumerate(stages):
         if not isinstance(stage, dict):
             raise ValueError(f"stages.{i}: expected a mapping, got {_describe(stage)}")
-        resolved.append(_deep_merge(defaults, stage))
+        resolved.append(_deep_merge(defaults, _renamed_stage_key(stage, i)))
     document["stages"] = resolved
     return document
 

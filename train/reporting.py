@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmadapter.adapters.checkpoint import atomic_write_bytes
+from accelerate.utils import is_tensorboard_available
+
+from mmadapter.core.files import atomic_write_bytes
 
 SUMMARY_FILE = "training_summary.json"
 CURVE_FILE = "loss_curve.png"
@@ -21,7 +23,6 @@ def tracker_for(log_with: str) -> tuple[str | None, str | None]:
     """(accelerate tracker name or None, a message for the user or None)."""
     if log_with == "none":
         return None, None
-    from accelerate.utils import is_tensorboard_available
 
     if not is_tensorboard_available():
         return None, "tensorboard is not installed, so nothing is logged to TensorBoard (pip install tensorboard)"

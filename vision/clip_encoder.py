@@ -16,7 +16,6 @@ so; pass `quick_gelu=True` for OpenAI weights stored any other way.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -34,6 +33,7 @@ from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import nn
 
+from mmadapter.core.files import atomic_save_tensors, atomic_write_bytes, file_sha256
 from mmadapter.vision.transforms import clip_transform
 from mmadapter.vision.weights import (
     HF_CLIP_MARKER,
@@ -58,14 +58,6 @@ def register_tiny_configs() -> tuple[str, ...]:
     if not set(TINY_MODELS) <= set(open_clip.list_models()):
         open_clip.add_model_config(TINY_CONFIG_DIR)
     return TINY_MODELS
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _architecture_config(model_name: str) -> dict[str, Any]:
@@ -312,8 +304,6 @@ class FrozenCLIPEncoder(nn.Module):
 
         Converting OpenAI's TorchScript file once gives a smaller, faster-loading, code-free copy.
         """
-        from mmadapter.adapters.checkpoint import atomic_save_tensors, atomic_write_bytes
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {f"visual.{key}": tensor for key, tensor in self.visual.state_dict().items()}

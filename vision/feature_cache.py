@@ -31,7 +31,7 @@ from PIL import Image
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from mmadapter.adapters.checkpoint import atomic_save_tensors, atomic_write_bytes
+from mmadapter.core.files import atomic_save_tensors, atomic_write_bytes
 from mmadapter.vision.clip_encoder import FrozenCLIPEncoder
 from mmadapter.vision.images import DEFAULT_MAX_PIXELS, WHITE, ImageLoadError, load_image_bytes, read_image_file
 

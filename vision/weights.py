@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 #: Weight files looked for inside a folder, in order of preference (open_clip's and HF's names).
 PREFERRED_WEIGHT_FILES = (
@@ -135,8 +136,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(path)
     elif is_torchscript_archive(path):
         state = read_torchscript_tensors(path)

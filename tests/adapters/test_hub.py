@@ -19,11 +19,11 @@ from fake_hub import FakeHub
 from huggingface_hub import ModelCard, constants
 from safetensors.torch import load as load_safetensors
 
-from mmadapter.adapters.base import adapter_state_dict, attach_adapter, make_config, trainable_parameters
-from mmadapter.adapters.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from mmadapter.adapters.hub import download_adapter, from_pretrained, plan_push, push_to_hub, save_pretrained
-from mmadapter.adapters.model_card import LOSS_CURVE_FILE, TRAINING_SUMMARY_FILE
-from mmadapter.train.cli import main
+from mmadapter.adapters.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from mmadapter.adapters.io.hub import download_adapter, from_pretrained, plan_push, push_to_hub, save_pretrained
+from mmadapter.adapters.io.model_card import LOSS_CURVE_FILE, TRAINING_SUMMARY_FILE
+from mmadapter.adapters.methods.base import adapter_state_dict, attach_adapter, make_config, trainable_parameters
+from mmadapter.cli.main import main
 
 TOKEN = "hf_mmadapterTestSECRET0123456789abcdef"
 REPO = "yourname/tiny-llama-adapter-v1"
@@ -378,7 +378,7 @@ def test_include_adds_files_but_never_pickles(hub_env, tiny_llama, tmp_path):
 
 def test_multimodal_v2_through_the_hub(hub, tiny_llama):
     """A V2 adapter with its visual projector: image-text-to-text card, identical logits for an image."""
-    from mmadapter.adapters.llama_adapter_v2 import visual_prompt
+    from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompt
 
     tiny_v2 = {"prompt_length": 4, "first_adapted_layer": 2, "clip_model": "mmadapter-tiny-vit", "visual_width": 32}
     model = adapted(tiny_llama, "llama-adapter-v2", **tiny_v2, visual_depth=1, visual_heads=2)
@@ -399,8 +399,8 @@ def test_multimodal_v2_through_the_hub(hub, tiny_llama):
 
 def test_official_ptuning_checkpoint_converts_then_pushes(hub, tmp_path):
     """ChatGLM's official P-Tuning v2 `pytorch_model.bin` (prefix encoder only), converted, pushed, loaded."""
-    from mmadapter.adapters.presets import base_config, build_base_model
-    from mmadapter.adapters.ptuning_v2 import prefix_encoder_of
+    from mmadapter.adapters.backbones.presets import base_config, build_base_model
+    from mmadapter.adapters.methods.ptuning_v2 import prefix_encoder_of
 
     config = base_config("tiny-chatglm")
     embedding = torch.randn(4, config.num_layers * 2 * config.hidden_size, generator=torch.Generator().manual_seed(5))

@@ -18,8 +18,8 @@ from llama_v2_helpers import (
 from llama_v2_reference import Terms, clip_tokens, hf_to_reference_weights, llama_logits, official_projector
 
 from mmadapter.adapters import attach_adapter, make_config, mark_trainable, trainable_parameters
-from mmadapter.adapters.bias_scale import LINEAR_PATHS
-from mmadapter.adapters.llama_adapter_v2 import STAGES, parameter_group, visual_prompt
+from mmadapter.adapters.methods.bias_scale import LINEAR_PATHS
+from mmadapter.adapters.methods.llama_adapter_v2 import STAGES, parameter_group, visual_prompt
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -11,10 +11,10 @@ from llama_v2_helpers import EVERYTHING, left_padded, pixels, randomize_adapter,
 from safetensors import safe_open
 
 from mmadapter.adapters import attach_adapter, load_adapter, make_config, save_adapter, trainable_parameters
-from mmadapter.adapters.checkpoint import WEIGHTS_FILE
-from mmadapter.adapters.llama_adapter_v2 import visual_prompt
-from mmadapter.adapters.presets import base_config, build_base_model
-from mmadapter.train.cli import main
+from mmadapter.adapters.backbones.presets import base_config, build_base_model
+from mmadapter.adapters.io.checkpoint import WEIGHTS_FILE
+from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompt
+from mmadapter.cli.main import main
 from mmadapter.vision import FrozenCLIPEncoder
 
 

@@ -7,7 +7,7 @@ import torch
 from llama_v2_helpers import EVERYTHING, left_padded, pixels, randomize_adapter, tiny_v2_config
 
 from mmadapter.adapters import attach_adapter, get_method, make_config
-from mmadapter.adapters.llama_adapter_v2 import visual_prompt
+from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompt
 
 
 def snapshot(model):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mmadapter.adapters import attach_adapter, load_adapter, load_base_model, make_config
-from mmadapter.adapters.official_v1 import convert_official_v1
-from mmadapter.train.cli import main as cli
+from mmadapter.adapters.io.official_v1 import convert_official_v1
+from mmadapter.cli.main import main as cli
 
 IDS = torch.tensor([[5, 17, 42, 9, 100, 3, 77, 12], [8, 8, 61, 200, 4, 33, 19, 250]])
 

@@ -17,8 +17,8 @@ from mmadapter.adapters import (
     save_adapter,
     trainable_parameters,
 )
-from mmadapter.adapters.lora import DEFAULT_TARGET_MODULES, Lora
-from mmadapter.train.cli import main
+from mmadapter.adapters.methods.lora import DEFAULT_TARGET_MODULES, Lora
+from mmadapter.cli.main import main
 
 IDS = torch.tensor([[5, 17, 42, 9, 100, 3, 77, 12], [0, 0, 61, 200, 4, 33, 19, 250]])
 MASK = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
@@ -152,7 +152,7 @@ GLM_IDS = torch.tensor([[5, 100, 200, 130001, 130004, 300, 301], [5, 101, 130001
 
 @pytest.fixture(scope="module")
 def chatglm_base():
-    from mmadapter.adapters.presets import base_config, build_base_model
+    from mmadapter.adapters.backbones.presets import base_config, build_base_model
 
     torch.manual_seed(0)
     return build_base_model(base_config("tiny-chatglm")).requires_grad_(False)

@@ -17,11 +17,11 @@ from mmadapter.adapters import (
     mark_trainable,
     save_adapter,
 )
-from mmadapter.adapters.official_ptuning import export_official_ptuning, load_official_ptuning
-from mmadapter.adapters.prefix_encoder import PrefixEncoder
-from mmadapter.adapters.presets import base_config, build_base_model
-from mmadapter.adapters.ptuning_v2 import prefix_encoder_of
-from mmadapter.train.cli import main
+from mmadapter.adapters.backbones.presets import base_config, build_base_model
+from mmadapter.adapters.io.official_ptuning import export_official_ptuning, load_official_ptuning
+from mmadapter.adapters.methods.prefix_encoder import PrefixEncoder
+from mmadapter.adapters.methods.ptuning_v2 import prefix_encoder_of
+from mmadapter.cli.main import main
 
 IDS = torch.tensor([[5, 17, 42, 9, 100, 3, 77, 12], [0, 0, 61, 200, 4, 33, 19, 250]])
 MASK = torch.tensor([[1] * 8, [0, 0] + [1] * 6])

@@ -69,7 +69,7 @@ def test_padded_batch_and_prefix_equal_generate(glm_model, glm_tokenizer):
 
 
 def test_streamed_reply_is_cleaned_like_process_response():
-    from mmadapter.adapters.chatglm import process_response
+    from mmadapter.adapters.backbones.chatglm import process_response
     from mmadapter.serve.model_families import FAMILIES
     from mmadapter.serve.text_stream import StablePostprocessor
 

@@ -12,11 +12,11 @@ from huggingface_hub import constants
 from serve_helpers import randomize_adapter
 
 from mmadapter.adapters import attach_adapter, make_config, save_adapter
-from mmadapter.adapters.hub import push_to_hub
+from mmadapter.adapters.io.hub import push_to_hub
+from mmadapter.cli.main import main
 from mmadapter.serve.generate import GenerationEngine
 from mmadapter.serve.loader import load_served_model
 from mmadapter.serve.sampling import SamplingParams
-from mmadapter.train.cli import main
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
 

@@ -315,8 +315,8 @@ def test_remote_image_urls_work_only_when_the_operator_allows_them(served_v2, st
 
 def test_an_image_sent_again_reuses_its_visual_prompt(served_v2):
     """Clients resend the conversation's picture with every turn: CLIP runs once per picture, same prompt."""
-    from mmadapter.adapters.llama_adapter_v2 import ENCODER_ATTRIBUTE
-    from mmadapter.adapters.prompt_attention import VISUAL_PROMPT_KWARG
+    from mmadapter.adapters.methods.llama_adapter_v2 import ENCODER_ATTRIBUTE
+    from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
 
     encoder_calls = []
     hook = getattr(served_v2.model, ENCODER_ATTRIBUTE).register_forward_hook(lambda *_: encoder_calls.append(1))

@@ -105,7 +105,7 @@ def _long_answer_base(tiny_llama, tiny_tokenizer, folder):
 @pytest.mark.slow
 def test_sigterm_mid_generation_exits_0_and_tells_the_client(tiny_llama, tiny_tokenizer, tmp_path):
     base = _long_answer_base(tiny_llama, tiny_tokenizer, tmp_path / "base")
-    command = [sys.executable, "-m", "mmadapter.train.cli", "serve", "--base", str(base), "--port", "0"]
+    command = [sys.executable, "-m", "mmadapter.cli.main", "serve", "--base", str(base), "--port", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [*command, "--temperature", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env

@@ -13,10 +13,10 @@ import urllib.request
 import pytest
 
 from mmadapter.adapters import save_adapter
+from mmadapter.cli.main import main
 from mmadapter.serve.chat import ChatTurn, stream_turn
 from mmadapter.serve.terminal_chat import TerminalChat
 from mmadapter.serve.web_demo import EXAMPLES_DIR
-from mmadapter.train.cli import main
 from mmadapter.vision.images import load_image
 
 RED = EXAMPLES_DIR / "red_circle.png"
@@ -88,7 +88,7 @@ def test_serve_command_runs_a_server_that_checks_the_key_and_never_logs_it(
     base, adapter = _folders(tiny_llama, tiny_tokenizer, v1_model, tmp_path)
     key = "sk-process-test-key-42"
     env = {**os.environ, "MMADAPTER_API_KEY": key, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "mmadapter.train.cli", "serve", "--base", str(base), "--adapter", str(adapter)]
+    command = [sys.executable, "-m", "mmadapter.cli.main", "serve", "--base", str(base), "--adapter", str(adapter)]
     process = subprocess.Popen(
         [*command, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )

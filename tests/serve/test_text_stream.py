@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from mmadapter.core.encoding import encode
+from mmadapter.core.examples import Example
+from mmadapter.core.templates import get_template
 from mmadapter.serve.prompting import encode_chat, encode_text
 from mmadapter.serve.text_stream import IncrementalDecoder, StopStringFilter
-from mmadapter.train.encoding import encode
-from mmadapter.train.readers import Example
-from mmadapter.train.templates import get_template
 
 
 def test_incremental_decoding_equals_decoding_everything(tiny_tokenizer):

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from mmadapter.adapters.base import attach_adapter, make_config
+from mmadapter.adapters.methods.base import attach_adapter, make_config
+from mmadapter.core.encoding import IGNORE_INDEX
 from mmadapter.train.data import BadSampleLog, load_samples
-from mmadapter.train.encoding import IGNORE_INDEX
 from mmadapter.train.evaluate import generation_scores
 from mmadapter.train.loop import train
 from mmadapter.train.recipe import DataSection, DataSource, parse_recipe

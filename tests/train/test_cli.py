@@ -9,8 +9,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from mmadapter.adapters.checkpoint import read_adapter_config
-from mmadapter.train.cli import main
+from mmadapter.adapters.io.checkpoint import read_adapter_config
+from mmadapter.cli.main import main
 from tests.train.conftest import alpaca_rows, write_json
 
 

@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
+from mmadapter.core.encoding import IGNORE_INDEX, encode
+from mmadapter.core.examples import DataError, Example
+from mmadapter.core.templates import ALPACA_WITH_INPUT, get_template
 from mmadapter.train.batching import epoch_batches, eval_batches, process_batches
 from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, load_samples
-from mmadapter.train.encoding import IGNORE_INDEX, encode
-from mmadapter.train.readers import BadSample, DataError, Example, read_examples
+from mmadapter.train.readers import BadSample, read_examples
 from mmadapter.train.recipe import DataSection, DataSource
-from mmadapter.train.templates import ALPACA_WITH_INPUT, get_template
 from mmadapter.vision.images import load_image
 from tests.train.conftest import alpaca_rows, write_image, write_json, write_jsonl
 
@@ -216,7 +217,7 @@ def test_batch_order_depends_only_on_seed_epoch_and_the_global_step_size():
 
 def test_generation_prompts_are_the_training_encoding_without_the_last_reply(tiny_tokenizer):
     """Evaluation asks a multi-turn question exactly as training showed it: EOS after each earlier reply."""
-    from mmadapter.train.encoding import encode_prompt
+    from mmadapter.core.encoding import encode_prompt
     from mmadapter.train.evaluate import _prompt_and_reference
 
     template = get_template("alpaca")

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from mmadapter.train import demo_world as world
-from mmadapter.train.cli import main
-from mmadapter.train.demo import SCALES, DemoOptions, DemoScale, run_demo
+from mmadapter.cli.demo import world
+from mmadapter.cli.demo.app import SCALES, DemoOptions, DemoScale, run_demo
+from mmadapter.cli.main import main
 
 #: A shortened run, what CI can afford: 40 % of the full run's steps on a quarter of its images (~75 s of CPU).
 SHORT = DemoScale(train_images=400, heldout_images=40, questions_per_image=3, caption_steps=500, instruction_steps=350)
@@ -61,10 +61,10 @@ def test_demo_writes_its_outputs(demo_run):
 @pytest.mark.slow
 def test_saved_adapter_answers_like_the_demo(demo_run):
     """The adapter folder reloads through the serving loader and repeats the demo's greedy answers."""
+    from mmadapter.cli.demo.assets import ASSETS_DIR, LANGUAGE_MODEL_DIR
     from mmadapter.serve.chat import ChatTurn, stream_turn
     from mmadapter.serve.generate import TextDelta
     from mmadapter.serve.loader import load_served_model
-    from mmadapter.train.demo_assets import ASSETS_DIR, LANGUAGE_MODEL_DIR
     from mmadapter.vision.images import load_image
 
     output, metrics = demo_run
@@ -77,8 +77,10 @@ def test_saved_adapter_answers_like_the_demo(demo_run):
     assert answer.strip() == expected
 
 
-def test_scales_and_cli_are_wired():
+def test_scales_and_cli_are_wired(capsys):
     assert SCALES["quick"].caption_steps < SCALES["full"].caption_steps
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--help"])
+    assert exit_info.value.code == 0  # argparse exits 2 for an unknown command
+    assert "--quick" in capsys.readouterr().out
     assert set(world.ATTRIBUTES) == {"colour", "shape", "count", "size", "position"}

@@ -7,9 +7,9 @@ import json
 
 import torch
 
-from mmadapter.adapters.loading import load_base_model, load_tokenizer
-from mmadapter.train import demo_assets
-from mmadapter.train import demo_world as world
+from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
+from mmadapter.cli.demo import assets as demo_assets
+from mmadapter.cli.demo import world
 from mmadapter.vision.clip_encoder import FrozenCLIPEncoder
 
 ASSETS = demo_assets.ASSETS_DIR

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmadapter.train import demo_eval
-from mmadapter.train import demo_world as world
+from mmadapter.cli.demo import evaluation as demo_eval
+from mmadapter.cli.demo import world
 
 SIZE = 64
 

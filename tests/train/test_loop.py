@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmadapter.adapters.base import attach_adapter, make_config, trainable_parameters
-from mmadapter.adapters.presets import base_config, build_base_model
+from mmadapter.adapters.backbones.presets import base_config, build_base_model
+from mmadapter.adapters.methods.base import attach_adapter, make_config, trainable_parameters
+from mmadapter.core.examples import DataError
 from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, load_samples
 from mmadapter.train.loop import TokenLoss, TrainingStopped, accumulate_gradients, plain_accelerator, train
 from mmadapter.train.multimodal import pixel_loader
-from mmadapter.train.readers import DataError
 from mmadapter.train.recipe import DataSection, DataSource, load_recipe
 from tests.train.conftest import COLOURS, TINY_ADAPTERS, alpaca_rows, write_image, write_json, write_jsonl
 
@@ -39,7 +39,7 @@ def test_loss_falls_and_only_the_selected_parameters_move(method, make_recipe):
         method=method,
         train={"lr": LEARNING_RATES[method], "max_steps": 8},
         data_options={"eval_from_train": 16},
-        stages=[{"name": "only", "stage": stage}],
+        stages=[{"name": "only", "trains": stage}],
     )
     result = train(recipe, model=model)
     summary = result.summary
@@ -179,7 +179,7 @@ def test_clip_feature_cache_feeds_training_and_reports_unreadable_images_up_fron
         method="llama-adapter-v2",
         train={"max_steps": 2},
         data_options={"clip_cache": str(cache), "max_bad_fraction": 0.2},
-        stages=[{"name": "caption", "stage": "caption"}],
+        stages=[{"name": "caption", "trains": "caption"}],
     )
     summary = train(recipe).summary["stages"][0]
     assert summary["bad_samples"]["skipped"] == 1 and summary["bad_samples"]["masked_during_training"] == 0
@@ -205,7 +205,7 @@ def test_unreadable_image_during_training_follows_the_policy(
         method="llama-adapter-v2",
         train={"max_steps": 3},
         data_options={"on_bad_sample": policy, "max_bad_fraction": fraction},
-        stages=[{"name": "caption", "stage": "caption"}],
+        stages=[{"name": "caption", "trains": "caption"}],
     )
     with pytest.raises(error, match=message):
         train(recipe)

@@ -64,8 +64,8 @@ def test_stages_inherit_defaults_and_override_only_what_they_name():
         minimal(
             train={"epochs": 2, "lr": 0.01, "weight_decay": 0.02},
             stages=[
-                {"name": "caption", "stage": "caption", "train": {"lr": 0.001}},
-                {"name": "instruction", "stage": "instruction", "data": {"max_length": 96}},
+                {"name": "caption", "trains": "caption", "train": {"lr": 0.001}},
+                {"name": "instruction", "trains": "instruction", "data": {"max_length": 96}},
             ],
         )
     )
@@ -73,6 +73,14 @@ def test_stages_inherit_defaults_and_override_only_what_they_name():
     assert (caption.train.lr, caption.train.weight_decay, caption.train.epochs) == (0.001, 0.02, 2)
     assert (instruction.train.lr, instruction.data.max_length, caption.data.max_length) == (0.01, 96, 512)
     assert caption.data.train[0] == DataSource(format="alpaca", path="a.json")
+
+
+def test_the_old_stage_key_still_reads_as_trains_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match=r"stages\.0\.stage is deprecated: call it `trains`"):
+        recipe = parse_recipe(minimal(stages=[{"name": "caption", "stage": "caption"}]))
+    assert recipe.stages[0].trains == "caption"
+    with pytest.raises(ValueError, match=r"stages\.0: give `trains` only"):
+        parse_recipe(minimal(stages=[{"name": "caption", "stage": "caption", "trains": "caption"}]))
 
 
 def test_overrides_set_nested_keys_list_items_and_numeric_strings():
@@ -114,13 +122,13 @@ def test_builtin_recipes_parse_and_carry_the_official_hyperparameters():
     assert (v1.base_lr, v1.batch_size * v1.grad_accum, v1.epochs, v1.warmup_epochs) == (9e-3, 32, 5, 2)
     assert (v1.weight_decay, v1.betas, v1.min_lr) == (0.02, (0.9, 0.95), 0.0)
     caption, instruction = recipes["llama-adapter-v2-multimodal"].stages
-    assert (caption.stage, caption.train.base_lr, caption.train.weight_decay, caption.data.max_length) == (
+    assert (caption.trains, caption.train.base_lr, caption.train.weight_decay, caption.data.max_length) == (
         "caption",
         1e-4,
         0.05,
         96,
     )
-    assert (instruction.stage, instruction.train.base_lr, instruction.train.epochs) == ("instruction", 1e-3, 4)
+    assert (instruction.trains, instruction.train.base_lr, instruction.train.epochs) == ("instruction", 1e-3, 4)
     ptuning = recipes["chatglm-ptuning-v2-adgen"]
     assert ptuning.adapter.options["pre_seq_len"] == 128
     stage = ptuning.stages[0]

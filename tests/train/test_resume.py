@@ -16,14 +16,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mmadapter.train.cli import main
+from mmadapter.cli.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 #: Runs the CLI, but the process kills itself with SIGKILL while checkpoint 6 is half written.
 DIES_WHILE_SAVING = """
 import os, signal, sys
 import mmadapter.train.checkpointing as checkpointing
-from mmadapter.train.cli import main
+from mmadapter.cli.main import main
 
 original = checkpointing.save_adapter
 

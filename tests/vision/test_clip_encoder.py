@@ -209,7 +209,7 @@ def test_encode_images_applies_the_eval_transform(tiny_clip):
 
 
 def test_convert_command_writes_a_tower_folder(tmp_path, reference_clip):
-    from mmadapter.train.cli import main
+    from mmadapter.cli.main import main
 
     source = tmp_path / "ViT-tiny.pt"
     with warnings.catch_warnings():

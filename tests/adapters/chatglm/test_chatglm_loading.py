@@ -12,8 +12,8 @@ import torch
 from chatglm_reference import GMASK, SOP
 
 from mmadapter.adapters import load_base_model, load_tokenizer
-from mmadapter.adapters.chatglm import ChatGLMForConditionalGeneration
-from mmadapter.adapters.loading import read_base_config
+from mmadapter.adapters.backbones.chatglm import ChatGLMForConditionalGeneration
+from mmadapter.adapters.backbones.loading import read_base_config
 
 PROMPT = torch.tensor([[5, 11, 12, 13, GMASK, SOP, 21]])
 

@@ -15,8 +15,8 @@ from chatglm_reference import (
     reference_logits,
 )
 
-from mmadapter.adapters.chatglm import glm_blocked_mask, glm_position_ids
-from mmadapter.adapters.presets import base_config, build_base_model
+from mmadapter.adapters.backbones.chatglm import glm_blocked_mask, glm_position_ids
+from mmadapter.adapters.backbones.presets import base_config, build_base_model
 
 IDS = {"bos_token_id": SOP, "gmask_token_id": GMASK, "mask_token_id": MASK}
 # Two prompts (ending [gMASK] <sop>) followed by a few answer tokens.

@@ -9,8 +9,8 @@ import torch
 from chatglm_reference import EOP, GMASK, MASK, PAD, SOP
 
 from mmadapter.adapters import load_tokenizer
-from mmadapter.adapters.chatglm import ChatGLMTokenizer
-from mmadapter.adapters.chatglm.tokenizer import decode_whitespace, encode_whitespace
+from mmadapter.adapters.backbones.chatglm import ChatGLMTokenizer
+from mmadapter.adapters.backbones.chatglm.tokenizer import decode_whitespace, encode_whitespace
 
 TEXTS = [
     "你好，世界！\n今天天气很好。\t我们一起学习  机器学习   和自然语言处理。",

@@ -1,0 +1,102 @@
+"""Load a frozen base model and its tokenizer from a local folder or a named preset.
+
+Folders in Hugging Face layout load through the backbone's class (never `trust_remote_code`);
+folders in Meta's LLaMA layout are converted on the fly. Presets build randomly initialised
+models, which is what tests, benchmarks and `mmadapter info` (on the meta device) need.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from mmadapter.adapters.backbones.meta_llama import is_meta_checkpoint, load_meta_checkpoint
+from mmadapter.adapters.backbones.presets import BASE_PRESETS, base_config, build_base_model, model_class_for
+
+#: model_type -> tokenizer loader for backbones whose tokenizer is not a stock transformers one.
+TOKENIZER_LOADERS: dict[str, object] = {}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def read_base_config(base: str | Path) -> PretrainedConfig:
+    """The config of a preset name or a model folder, without loading any weights."""
+    if str(base) in BASE_PRESETS:
+        return base_config(str(base))
+    folder = Path(base)
+    if is_meta_checkpoint(folder):
+        return load_meta_checkpoint(folder)[0]
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{base}: not a preset ({', '.join(sorted(BASE_PRESETS))}) and not a model folder "
+            "(expected config.json, or params.json + consolidated.*.pth)"
+        )
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    cls = model_class_for(PretrainedConfig(model_type=model_type) if model_type else PretrainedConfig())
+    return cls.config_class.from_pretrained(folder, local_files_only=True)
+
+
+def load_base_model(
+    base: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """A frozen base model in eval mode from a preset name or a local folder (HF or Meta layout)."""
+    torch_dtype = parse_dtype(dtype)
+    if str(base) in BASE_PRESETS:
+        model = build_base_model(base_config(str(base)), device=device, dtype=torch_dtype)
+    elif is_meta_checkpoint(base):
+        config, state = load_meta_checkpoint(base)
+        model = build_base_model(config, device="meta")  # no random init of weights about to be replaced
+        model.load_state_dict(state, strict=True, assign=True)
+        rotary = model.model.rotary_emb  # its buffers are computed, not stored: rebuild them off the meta device
+        with torch.device("cpu"):
+            model.model.rotary_emb = type(rotary)(config=config)
+        model.to(device=device, dtype=torch_dtype or torch.float32)
+    else:
+        config = read_base_config(base)
+        model = (
+            model_class_for(config)
+            .from_pretrained(
+                base, dtype=torch_dtype or torch.float32, local_files_only=True, attn_implementation=attn_implementation
+            )
+            .to(device)
+        )
+    model.set_attn_implementation(attn_implementation)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_tokenizer(base: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer stored with a model folder (Meta layout: `tokenizer.model` here or one level up)."""
+    folder = Path(base)
+    config_file = folder / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    if model_type in TOKENIZER_LOADERS:
+        return TOKENIZER_LOADERS[model_type](folder)
+    if is_meta_checkpoint(folder):
+        for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
+            if candidate.is_file():
+                return LlamaTokenizer(vocab_file=str(candidate))
+        raise FileNotFoundError(f"{folder}: no tokenizer.model here or in the parent folder")
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)

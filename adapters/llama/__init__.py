@@ -1,1 +1,0 @@
-"""LLaMA-specific loading: Meta's original checkpoint layout and its conversion to Hugging Face's."""

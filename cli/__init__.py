@@ -1,0 +1,1 @@
+"""The front door: the `mmadapter` command and the embedded demo application."""

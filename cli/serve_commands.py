@@ -1,0 +1,143 @@
+"""`mmadapter chat` and `mmadapter serve`: the terminal chat and the OpenAI-compatible server (+ web UI).
+
+Both take the same model options (`--base`, `--adapter`, …) and the same sampling options, whose
+defaults come from the served model (LLaMA-Adapter's or ChatGLM's official demo settings).
+Heavy imports happen inside `run`, so `mmadapter --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+API_KEY_ENV = "MMADAPTER_API_KEY"
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--base", required=True, help="base model: a folder (HF or Meta layout) or a preset")
+    group.add_argument("--adapter", help="adapter folder or hub repo id (omit to chat with the base model)")
+    group.add_argument("--revision", help="hub revision of --adapter")
+    group.add_argument("--tokenizer", help="tokenizer folder (default: the base folder)")
+    group.add_argument("--template", help="prompt template (default: the adapter's saved one; alpaca, chatglm, …)")
+    group.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
+    group.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda if available)")
+    group.add_argument("--clip-weights", help="local CLIP weights for a multimodal adapter (overrides the saved path)")
+    group.add_argument("--name", help="model id shown to API clients (default: the adapter folder's name)")
+    sampling = parser.add_argument_group("sampling (defaults: the model's official demo settings)")
+    sampling.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
+    sampling.add_argument("--temperature", type=float, help="0 = greedy")
+    sampling.add_argument("--top-p", type=float, help="nucleus sampling threshold")
+    sampling.add_argument("--top-k", type=int, help="sample from the k most likely tokens (0 = off)")
+    sampling.add_argument("--repetition-penalty", type=float, help="penalise repeated tokens (1 = off)")
+    sampling.add_argument("--seed", type=int, help="make sampling repeatable")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    chat = subparsers.add_parser(
+        "chat",
+        help="chat with an adapter in the terminal (streaming; /image PATH, /reset, /exit)",
+        description="Terminal chat with history and streamed answers.",
+    )
+    _model_options(chat)
+    chat.add_argument("--image", help="image to talk about (multimodal adapters)")
+    chat.set_defaults(run=run_chat)
+
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve an adapter over the OpenAI chat-completions API (and a web UI with --ui)",
+        description="OpenAI-compatible HTTP server: POST /v1/chat/completions, GET /v1/models, GET /health.",
+    )
+    _model_options(serve)
+    network = serve.add_argument_group("server")
+    network.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    network.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    network.add_argument("--ui", action="store_true", help="also serve the web image-chat UI (needs the demo extra)")
+    network.add_argument("--ui-port", type=int, default=7860, help="web UI port (default 7860)")
+    network.add_argument(
+        "--api-key",
+        help=f"require 'Authorization: Bearer KEY' on every route but /health; prefer setting {API_KEY_ENV} "
+        "(command lines are visible to other users)",
+    )
+    network.add_argument("--allow-remote-images", action="store_true", help="let clients send http(s) image URLs")
+    network.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (16)")
+    network.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (20)")
+    network.add_argument("--max-image-pixels", type=int, help="largest image (width x height; default 64 million)")
+    serve.set_defaults(run=run_serve)
+
+
+def _load(args: argparse.Namespace):
+    # Imported on use, not at the top: the command line starts without loading what other commands need.
+    from mmadapter.serve.loader import load_served_model
+
+    overrides = {"clip_pretrained": args.clip_weights} if args.clip_weights else None
+    served = load_served_model(
+        args.base,
+        args.adapter,
+        tokenizer=args.tokenizer,
+        template=args.template,
+        dtype=args.dtype,
+        device=args.device,
+        name=args.name,
+        adapter_overrides=overrides,
+        revision=args.revision,
+    )
+    changes = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+    served.defaults = served.defaults.replace(**{k: v for k, v in changes.items() if v is not None})
+    return served
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    # Imported on use, not at the top: the command line starts without loading what other commands need.
+    from mmadapter.serve.terminal_chat import TerminalChat
+
+    chat = TerminalChat(_load(args))
+    if args.image and not chat.attach_image(args.image):
+        return 2
+    return chat.run()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    # Imported on use, not at the top: the command line starts without loading what other commands need.
+    from mmadapter.serve.http_server import APIServer, ServerSettings, serve_forever
+    from mmadapter.vision.images import DEFAULT_MAX_PIXELS
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        allow_remote_images=args.allow_remote_images,
+        max_queue=args.max_queue,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
+    )
+    served = _load(args)
+    server = APIServer(served, settings)
+    print(f"OpenAI-compatible API: {server.url}/v1  (model id {served.name!r})", flush=True)
+    if settings.api_key:
+        print("API key required (Authorization: Bearer …)", flush=True)
+    elif args.host not in ("127.0.0.1", "localhost", "::1"):
+        warning = f"warning: listening on {args.host} without an API key; anyone who can reach it can use the model"
+        print(f"{warning} (set {API_KEY_ENV})", file=sys.stderr, flush=True)
+    ui = None
+    if args.ui:
+        from mmadapter.serve.web_demo import launch_ui
+
+        ui = launch_ui(served, host=args.host, port=args.ui_port, worker=server.worker, block=False)
+        print(f"web UI: {ui.local_url}", flush=True)
+    try:
+        serve_forever(server)
+    finally:
+        if ui is not None:
+            ui.close()
+    return 0

@@ -1,0 +1,151 @@
+"""`mmadapter train` (run or resume a recipe) and `mmadapter eval` (loss, perplexity, ROUGE/BLEU).
+
+Cheap to import: torch and the loop load inside `run_*`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from mmadapter.cli.options import parse_assignments
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="train an adapter from a YAML recipe (or resume a run)",
+        description=(
+            "Run a training recipe: a YAML file, or the name of a built-in recipe (see --list). "
+            "Several processes: torchrun --nproc_per_node N -m mmadapter.cli.main train RECIPE, "
+            "or accelerate launch --config_file assets/accelerate/<config>.yaml -m mmadapter.cli.main train RECIPE."
+        ),
+    )
+    train.add_argument("recipe", nargs="?", help="recipe file or built-in name (optional with --resume)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.lr=1e-3")
+    train.add_argument("--resume", metavar="DIR", help="continue a run: its output folder or one of its checkpoints")
+    train.add_argument(
+        "--on-bad-sample",
+        choices=("skip", "fail"),
+        help="bad rows and unreadable images: skip and count them (default), or stop at the first",
+    )
+    train.add_argument("--max-bad-fraction", type=float, metavar="F", help="with skip: stop above this fraction")
+    train.add_argument("--list", action="store_true", help="list the built-in recipes and exit")
+    train.add_argument("--json", action="store_true", help="print the training summary as JSON")
+    train.set_defaults(run=run_train)
+
+    evaluate = subparsers.add_parser(
+        "eval",
+        help="loss and perplexity of an adapter on a dataset (and ROUGE/BLEU of generated answers)",
+        description="Evaluate ADAPTER on --data; the base, tokenizer and data settings default to its training recipe.",
+    )
+    evaluate.add_argument("adapter", help="adapter folder (e.g. runs/NAME/adapter)")
+    evaluate.add_argument("--data", required=True, action="append", help="data file (repeatable)")
+    evaluate.add_argument(
+        "--format", default="alpaca", help="alpaca, conversation, coco-captions, caption-jsonl, chatglm"
+    )
+    evaluate.add_argument("--images", help="image folder for relative image paths")
+    evaluate.add_argument("--option", action="append", metavar="KEY=VALUE", help="format option (chatglm columns)")
+    evaluate.add_argument("--base", help="base model preset or folder (default: the one it was trained on)")
+    evaluate.add_argument("--tokenizer", help="tokenizer folder (default: the training recipe's)")
+    evaluate.add_argument("--set", action="append", metavar="KEY=VALUE", help="data setting, e.g. max_length=256")
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--limit", type=int, help="use only the first N samples of each file")
+    evaluate.add_argument("--generate", action="store_true", help="also generate answers and score ROUGE/BLEU-4")
+    evaluate.add_argument("--greedy", action="store_true", help="greedy decoding instead of the official sampling")
+    evaluate.add_argument("--max-new-tokens", type=int, help="default: data.max_target_length")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--json", action="store_true", help="print JSON for machines")
+    evaluate.set_defaults(run=run_eval)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    # Imported on use, not at the top: the command line starts without loading what other commands need.
+    from mmadapter.train.recipe import builtin_recipes, load_recipe
+
+    if args.list:
+        for name, path in sorted(builtin_recipes().items()):
+            print(f"{name:<32} {path}")
+        return 0
+    overrides = parse_assignments(args.set)
+    if args.on_bad_sample is not None:
+        overrides["data.on_bad_sample"] = args.on_bad_sample
+    if args.max_bad_fraction is not None:
+        overrides["data.max_bad_fraction"] = args.max_bad_fraction
+    if args.recipe is None and args.resume is None:
+        raise ValueError("give a RECIPE, or --resume DIR to continue a run")
+    if args.recipe is None:
+        from mmadapter.train.checkpointing import RECIPE_FILE, find_checkpoint
+
+        checkpoint = find_checkpoint(args.resume)
+        recipe = load_recipe(checkpoint / RECIPE_FILE, overrides)
+        if "output_dir" not in overrides:  # the run's folder, wherever it was started from
+            recipe.output_dir = str(checkpoint.parent.parent)
+    else:
+        recipe = load_recipe(args.recipe, overrides)
+
+    from accelerate import PartialState
+
+    from mmadapter.train.loop import TrainingStopped, train
+
+    try:
+        result = train(recipe, resume=args.resume)
+    except TrainingStopped as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        PartialState().destroy_process_group()  # a no-op in a single process
+    summary = {k: v for k, v in result.summary.items() if k != "stages"}
+    if not result.main_process:
+        return 0
+    if args.json:
+        print(json.dumps({"adapter_dir": str(result.adapter_dir), **summary}, indent=2))
+    else:
+        print(
+            f"adapter: {result.adapter_dir}\nsteps {summary['steps']}, tokens {summary['tokens']:,}, "
+            f"{summary['wall_time_seconds']:.1f} s ({summary['tokens_per_second']:.0f} tokens/s), "
+            f"final loss {summary['final_loss']:.4f}"
+            + (f", best eval loss {summary['best_eval_loss']:.4f}" if summary["best_eval_loss"] is not None else "")
+        )
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    # Imported on use, not at the top: the command line starts without loading what other commands need.
+    from mmadapter.train.evaluate import generation_scores, load_for_eval, loss_and_perplexity
+    from mmadapter.train.recipe import DataSection, DataSource, build_section
+
+    model, tokenizer, data = load_for_eval(args.adapter, args.base, args.tokenizer)
+    settings = parse_assignments(args.set)
+    if settings:  # checked like a recipe's data section
+        data = build_section(DataSection, {**dataclasses.asdict(data), **settings}, "data")
+    options = parse_assignments(args.option)
+    sources = [DataSource(format=args.format, path=p, images=args.images, options=options) for p in args.data]
+    if args.limit:
+        sources = [dataclasses.replace(s, max_samples=args.limit) for s in sources]
+    result = {"adapter": str(args.adapter), **loss_and_perplexity(model, tokenizer, sources, data, args.batch_size)}
+    if args.generate:
+        result["generation"] = generation_scores(
+            model,
+            tokenizer,
+            sources,
+            data,
+            max_new_tokens=args.max_new_tokens,
+            greedy=args.greedy,
+            seed=args.seed,
+            limit=args.limit,
+        )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{Path(args.adapter)}: loss {result['eval_loss']:.4f}, perplexity {result['eval_perplexity']:.3f} "
+            f"over {result['eval_tokens']:,} response tokens of {result['samples']} samples"
+        )
+        for name, value in result.get("generation", {}).items():
+            if isinstance(value, float):
+                print(f"  {name:<8} {value:.2f}")
+    return 0

@@ -1,0 +1,25 @@
+"""A training or chat example before tokenization, shared by training data, evaluation and serving."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A data file or sample that training cannot use; the message names the file and line or index."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One training sample before tokenization."""
+
+    source: str
+    """Where it came from: `file.jsonl:12` (line) or `file.json[11]` (index in a JSON list)."""
+    turns: tuple[tuple[str, str], ...]
+    """(user message, assistant reply) pairs; one pair for single-turn data."""
+    input: str = ""
+    """Alpaca's optional input of a single-turn instruction."""
+    image: Path | None = None
+    caption: bool = False
+    """A caption sample: rendered with the caption instruction, trains the caption stage in mixed runs."""
