@@ -21,7 +21,7 @@ from mmadapter.adapters.backbones.presets import BASE_PRESETS
 from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
 from mmadapter.adapters.io.hub import download_adapter
 from mmadapter.adapters.methods.base import get_method
-from mmadapter.adapters.methods.llama_adapter_v2 import takes_images
+from mmadapter.adapters.methods.llama_adapter_v2 import takes_images, visual_prompter_of
 from mmadapter.core.templates import PromptTemplate, get_template
 from mmadapter.serve.generate import GenerationEngine
 from mmadapter.serve.sampling import SamplingParams
@@ -61,11 +61,11 @@ class ServedModel:
     """The model id clients send (OpenAI `model` field) and /v1/models lists."""
     defaults: SamplingParams
     engine: GenerationEngine = dataclasses.field(init=False)
-    cache: dict[str, Any] = dataclasses.field(init=False, default_factory=dict, repr=False)
-    """Per-model values computed once while serving (e.g. the text-only visual prompt)."""
 
     def __post_init__(self) -> None:
         self.engine = GenerationEngine(self.model, self.tokenizer)
+        if self.takes_images:  # prompts remembered before the adapter's weights were loaded are stale
+            visual_prompter_of(self.model).forget()
 
     @classmethod
     def from_model(

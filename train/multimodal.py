@@ -9,18 +9,15 @@ skips CLIP entirely after the first epoch (at the cost of the random crop).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mmadapter.adapters.methods.llama_adapter_v2 import takes_images, visual_prompt
+from mmadapter.adapters.methods.llama_adapter_v2 import takes_images, visual_prompter_of
 from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
 from mmadapter.train.readers import BadSample
-from mmadapter.vision.feature_cache import CLIPFeatureCache
-from mmadapter.vision.images import load_image
 
 
 def model_inputs(
@@ -33,8 +30,7 @@ def model_inputs(
     """
     inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if takes_images(model):
-        prompt = visual_prompt(
-            model,
+        prompt = visual_prompter_of(model)(
             pixel_values=images.get("pixel_values"),
             clip_features=images.get("clip_features"),
             image_mask=images.get("image_mask"),
@@ -42,23 +38,6 @@ def model_inputs(
         if prompt is not None:
             inputs[VISUAL_PROMPT_KWARG] = prompt
     return inputs
-
-
-def _bgr(model: nn.Module) -> bool:
-    return getattr(model.adapter_config, "image_channel_order", "rgb") == "bgr"
-
-
-def pixel_loader(model: nn.Module, train: bool = True) -> Callable[[Path], dict[str, torch.Tensor]]:
-    """path -> {"pixel_values": (3, H, W)} with the encoder's training (random resized crop) or eval
-    transform; errors name the file."""
-
-    transform = model.vision_encoder.transform(train=train)
-    bgr = _bgr(model)
-
-    def load(path: Path) -> dict[str, torch.Tensor]:
-        return {"pixel_values": transform(load_image(path, bgr_quirk=bgr))}
-
-    return load
 
 
 class CachedFeatureLoader:
@@ -71,17 +50,11 @@ class CachedFeatureLoader:
         return {"clip_features": self.cache.get(self.keys[path]).float()}
 
 
-def feature_cache_for(model: nn.Module, directory: str | Path):
-    """The CLIP feature cache of this model's frozen encoder (and channel order) under `directory`."""
-
-    return CLIPFeatureCache(directory, model.vision_encoder, bgr_quirk=_bgr(model))
-
-
 def warm_feature_cache(
     model: nn.Module, directory: str | Path, paths: list[Path], show_progress: bool
 ) -> tuple[CachedFeatureLoader, list[tuple[Path, str]]]:
     """Compute missing CLIP features for `paths`; returns the loader and (path, error) of unreadable images."""
-    cache = feature_cache_for(model, directory)
+    cache = visual_prompter_of(model).feature_cache(directory)
     unique = sorted(set(paths))
     result = cache.warm(unique, progress=show_progress, skip_errors=True)  # reads and hashes each file once
     keys = {path: key for path, key in zip(unique, result.keys, strict=True) if key is not None}
@@ -94,7 +67,7 @@ def image_loader_for(model: nn.Module, clip_cache: str | None, samples: list, sh
     if not takes_images(model):
         return None, []
     if clip_cache is None:
-        return pixel_loader(model, train), []
+        return visual_prompter_of(model).pixel_loader(train), []
     paths = [s.image for s in samples if s.image is not None]
     loader, failed = warm_feature_cache(model, clip_cache, paths, show_progress)
     reasons = dict(failed)

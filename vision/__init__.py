@@ -23,6 +23,7 @@ from mmadapter.vision.images import (
 )
 from mmadapter.vision.projector import VisualProjectorV1, VisualProjectorV2
 from mmadapter.vision.transforms import clip_transform
+from mmadapter.vision.visual_prompt import VisualPrompter
 from mmadapter.vision.weights import read_state_dict
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "TINY_MODELS",
     "VisualProjectorV1",
     "VisualProjectorV2",
+    "VisualPrompter",
     "WarmResult",
     "clip_transform",
     "content_key",

@@ -31,7 +31,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from mmadapter.adapters.methods.base import AdapterConfig, AdapterMethod, adapter_config_of, register_method
+from mmadapter.adapters.methods.base import AdapterConfig, AdapterMethod, register_method
 from mmadapter.adapters.methods.bias_scale import (
     LINEAR_PATHS,
     SCALE_SIDES,
@@ -44,6 +44,7 @@ from mmadapter.adapters.methods.llama_adapter_v1 import decoder_layers
 from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG, add_gated_prompt, use_prompt_attention
 from mmadapter.vision.clip_encoder import FrozenCLIPEncoder
 from mmadapter.vision.projector import VisualProjectorV1, VisualProjectorV2
+from mmadapter.vision.visual_prompt import VisualPrompter
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ IMAGE_CHANNEL_ORDERS = ("rgb", "bgr")
 #: Module names under which attach() adds the vision side to the causal LM.
 ENCODER_ATTRIBUTE = "vision_encoder"
 PROJECTOR_ATTRIBUTE = "visual_projector"
+PROMPTER_ATTRIBUTE = "visual_prompter"
 #: peft's adapter name for the LoRA layers.
 LORA_ADAPTER_NAME = "default"
 
@@ -275,6 +277,16 @@ def _attach_vision(model: nn.Module, config: LlamaAdapterV2Config) -> None:
             projector = VisualProjectorV1(encoder.output_dim, lm_dim)
     model.add_module(ENCODER_ATTRIBUTE, encoder)
     model.add_module(PROJECTOR_ATTRIBUTE, projector)
+    prompter = VisualPrompter(
+        encoder,
+        projector,
+        channel_order=config.image_channel_order,
+        text_only_image=config.text_only_image,
+        repeat_to=config.prompt_length if config.visual_projector == "v1" else None,
+    )
+    # A plain attribute, not a submodule: the encoder and projector are registered above, under the names
+    # their checkpoint keys use; the prompter only refers to them (and deep copies rebind it).
+    setattr(model, PROMPTER_ATTRIBUTE, prompter)
 
 
 def _accept_visual_prompt_in_generate(model: nn.Module) -> None:
@@ -310,48 +322,23 @@ def config_takes_images(config: AdapterConfig | None) -> bool:
     return isinstance(config, LlamaAdapterV2Config) and config.has_vision
 
 
+def visual_prompter_of(model: nn.Module) -> VisualPrompter:
+    """The model's image → visual prompt pipeline (encoder, projector, channel order, text-only policy)."""
+    prompter = getattr(model, PROMPTER_ATTRIBUTE, None)
+    if prompter is None:
+        raise ValueError("this model takes no images: it needs a llama-adapter-v2 adapter with a visual projector")
+    return prompter
+
+
 def visual_prompt(
     model: nn.Module,
     pixel_values: torch.Tensor | None = None,
     clip_features: torch.Tensor | None = None,
     image_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """The per-sample visual prompt (B, K, D) to pass to forward/generate as `adapter_visual_prompt=`.
-
-    Give preprocessed `pixel_values` (B, 3, H, W), or `clip_features` (B, T, C) from the frozen
-    encoder (e.g. a feature cache) to skip CLIP. `image_mask` (B,) marks samples that really
-    have an image; the others are text-only and, per `config.text_only_image`, see either an
-    all-zero image (the released training) or no visual prompt at all (exact zeros are added).
-    With no image in the whole batch the result is None ('none') or a (1, K, D) prompt of the
-    zero image ('zeros') that broadcasts over the batch.
-    """
-    config = adapter_config_of(model)
-    if not isinstance(config, LlamaAdapterV2Config) or not config.has_vision:
-        raise ValueError("visual_prompt needs a llama-adapter-v2 adapter with a visual projector attached")
-    encoder = getattr(model, ENCODER_ATTRIBUTE)
-    projector = getattr(model, PROJECTOR_ATTRIBUTE)
-    zeros_for_text = config.text_only_image == "zeros"
-    if pixel_values is None and clip_features is None:
-        if not zeros_for_text:
-            return None
-        clip_features = encoder.zero_image_features()
-    elif clip_features is None:
-        if image_mask is not None and zeros_for_text:
-            keep = image_mask.to(device=pixel_values.device, dtype=torch.bool).view(-1, 1, 1, 1)
-            pixel_values = torch.where(keep, pixel_values, torch.zeros((), dtype=pixel_values.dtype))
-        clip_features = encoder(pixel_values)  # frozen: runs without autograd
-    elif image_mask is not None and zeros_for_text:
-        keep = image_mask.to(device=clip_features.device, dtype=torch.bool).view(-1, 1, 1)
-        zero = encoder.zero_image_features().to(clip_features.device, clip_features.dtype)
-        clip_features = torch.where(keep, clip_features, zero)
-    parameter = next(projector.parameters())
-    prompt = projector(clip_features.to(device=parameter.device, dtype=parameter.dtype))
-    if config.visual_projector == "v1":  # one global token, repeated over the K prompt slots
-        prompt = prompt.expand(-1, config.prompt_length, -1)
-    if image_mask is not None and not zeros_for_text:
-        keep = image_mask.to(device=prompt.device, dtype=torch.bool).view(-1, 1, 1)
-        prompt = torch.where(keep, prompt, torch.zeros((), dtype=prompt.dtype, device=prompt.device))
-    return prompt
+    """The per-sample visual prompt (B, K, D) to pass to forward/generate as `adapter_visual_prompt=`
+    (see `VisualPrompter.__call__`)."""
+    return visual_prompter_of(model)(pixel_values, clip_features, image_mask)
 
 
 @register_method

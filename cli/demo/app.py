@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from mmadapter.adapters import attach_adapter, make_config
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
 from mmadapter.adapters.methods.base import trainable_parameters
-from mmadapter.adapters.methods.llama_adapter_v2 import parameter_group, visual_prompt
+from mmadapter.adapters.methods.llama_adapter_v2 import parameter_group, visual_prompter_of
 from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
 from mmadapter.adapters.methods.report import parameter_report
 from mmadapter.cli.demo import evaluation as demo_eval
@@ -43,7 +43,6 @@ from mmadapter.core.templates import get_template
 from mmadapter.serve.loader import ServedModel, merge_for_serving
 from mmadapter.serve.web_demo import launch_ui as launch
 from mmadapter.train.loop import train
-from mmadapter.train.multimodal import feature_cache_for
 from mmadapter.train.recipe import load_recipe
 
 #: Built-in recipe the demo trains with (train/recipes/); the demo fills in paths and sizes.
@@ -197,7 +196,7 @@ def check_zero_init(model, batch, expected, clip_features) -> float:
     """Max |difference| between the adapted model (untrained, real images) and the base; must be 0."""
 
     with torch.no_grad():
-        prompt = visual_prompt(model, clip_features=clip_features)
+        prompt = visual_prompter_of(model)(clip_features=clip_features)
         logits = model(**batch, **{VISUAL_PROMPT_KWARG: prompt}).logits
     return float((logits - expected).abs().max())
 
@@ -278,7 +277,7 @@ def run_demo(options: DemoOptions) -> int:
     torch.manual_seed(options.seed)
     attach_adapter(model, make_config(recipe.adapter.method, recipe.adapter.preset, **recipe.adapter.options))
     say(stage_summary(model))
-    cache = feature_cache_for(model, recipe.stages[0].data.clip_cache)
+    cache = visual_prompter_of(model).feature_cache(recipe.stages[0].data.clip_cache)
     heldout_features = cache.get_or_compute(data.heldout_images).float()
     difference = check_zero_init(model, batch, base_logits, heldout_features[:1].expand(len(check_prompts), -1, -1))
     if difference != 0.0:

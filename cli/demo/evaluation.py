@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompt
+from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompter_of
 from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
 from mmadapter.cli.demo import world
 from mmadapter.core.templates import get_template
@@ -88,12 +88,13 @@ def generate(
 
     render = get_template(template).render
     engine = GenerationEngine(model, tokenizer)
+    prompter = visual_prompter_of(model)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0)
     texts: list[str] = []
     for start in tqdm(range(0, len(probes), batch_size), desc=desc, unit="batch", leave=False):
         chunk = probes[start : start + batch_size]
         features = clip_features[[p.image for p in chunk]]
-        extra = {VISUAL_PROMPT_KWARG: visual_prompt(model, clip_features=features)}
+        extra = {VISUAL_PROMPT_KWARG: prompter(clip_features=features)}
         completions = engine.generate([render(p.instruction) for p in chunk], params, model_inputs=extra)
         texts += [c.text.strip() for c in completions]
     return texts

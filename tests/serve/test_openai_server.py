@@ -315,7 +315,7 @@ def test_remote_image_urls_work_only_when_the_operator_allows_them(served_v2, st
 
 def test_an_image_sent_again_reuses_its_visual_prompt(served_v2):
     """Clients resend the conversation's picture with every turn: CLIP runs once per picture, same prompt."""
-    from mmadapter.adapters.methods.llama_adapter_v2 import ENCODER_ATTRIBUTE
+    from mmadapter.adapters.methods.llama_adapter_v2 import ENCODER_ATTRIBUTE, visual_prompter_of
     from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
 
     encoder_calls = []
@@ -327,5 +327,5 @@ def test_an_image_sent_again_reuses_its_visual_prompt(served_v2):
     hook.remove()
     assert len(encoder_calls) == 2
     assert torch.equal(again, first) and not torch.equal(blue, first)
-    served_v2.cache.clear()
+    visual_prompter_of(served_v2.model).forget()
     assert torch.equal(visual_inputs(served_v2, red)[VISUAL_PROMPT_KWARG], first)  # what a fresh computation gives

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from mmadapter.adapters.backbones.presets import base_config, build_base_model
 from mmadapter.adapters.methods.base import attach_adapter, make_config, trainable_parameters
+from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompter_of
 from mmadapter.core.examples import DataError
 from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, load_samples
 from mmadapter.train.loop import TokenLoss, TrainingStopped, accumulate_gradients, plain_accelerator, train
-from mmadapter.train.multimodal import pixel_loader
 from mmadapter.train.recipe import DataSection, DataSource, load_recipe
 from tests.train.conftest import COLOURS, TINY_ADAPTERS, alpaca_rows, write_image, write_json, write_jsonl
 
@@ -146,7 +146,7 @@ def test_mixed_batch_routes_each_kinds_loss_to_its_own_parameters(caption_data, 
     samples = load_samples(
         sources, tiny_tokenizer, DataSection(template="chatglm"), kinds, None, BadSampleLog(), show_progress=False
     )
-    dataset = SupervisedDataset(samples, pixel_loader(model))
+    dataset = SupervisedDataset(samples, visual_prompter_of(model).pixel_loader())
     torch.manual_seed(0)
     batch = Collator(pad_token_id=0)([dataset[i] for i in range(len(dataset))])
     params = {kind: list(trainable_parameters(model, kind).values()) for kind in kinds}
