@@ -9,7 +9,7 @@ official code places the scale on different sides (spec llama-adapter.md §4, §
 
 and the released multimodal-7B model has biases only. The new parameters live on the `nn.Linear`
 itself as `adapter_bias` / `adapter_scale` (so `q_proj.weight` keeps its name and base checkpoints
-still load) and act through forward hooks (ecosystem-notes §1.4). At init the hooks multiply by
+still load), with one typed `BiasScaleState` beside them, and act through forward hooks (ecosystem-notes §1.4). At init the hooks multiply by
 exactly 1 and add exactly 0, which IEEE arithmetic leaves bit-identical in every dtype.
 
 When peft wraps the linear for LoRA, the terms stay on the inner `base_layer`: LoRA then sees the
@@ -17,6 +17,8 @@ unscaled input, as in the official LORA-BIAS model (which has no scale: y = W x 
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -32,6 +34,24 @@ LINEAR_PATHS: dict[str, str] = {
     "down": "mlp.down_proj",
 }
 SCALE_SIDES = ("input", "output")
+STATE_ATTRIBUTE = "adapter_bias_scale"
+
+
+@dataclasses.dataclass(eq=False)
+class BiasScaleState:
+    """What a linear with bias/scale terms (or a merged LoRA update) knows besides its parameters."""
+
+    scale_side: str = "input"
+    """"input" (y = W (s ⊙ x) + b) or "output" (y = s ⊙ (W x + b))."""
+    merged: bool = False
+    """Folded into the weight and bias: the hooks then do nothing."""
+    originals: dict[str, torch.Tensor | None] | None = None
+    """The weight (CPU copy, when merging changed it) and bias before merging, for an exact unmerge."""
+
+
+def bias_scale_state(linear: nn.Module) -> BiasScaleState | None:
+    """The bias/scale state of a (frozen) linear, or None where no terms are attached."""
+    return getattr(linear, STATE_ATTRIBUTE, None)
 
 
 def frozen_linear(module: nn.Module) -> nn.Linear:
@@ -49,8 +69,7 @@ def add_bias_scale(linear: nn.Linear, *, bias: bool, scale: bool, scale_side: st
     if scale:
         size = linear.in_features if scale_side == "input" else linear.out_features
         linear.adapter_scale = nn.Parameter(torch.ones(size, device=device))
-    linear.adapter_scale_side = scale_side
-    linear.adapter_merged = False
+    setattr(linear, STATE_ATTRIBUTE, BiasScaleState(scale_side))
     if scale and scale_side == "input":
         linear.register_forward_pre_hook(_scale_input)
     if bias or (scale and scale_side == "output"):
@@ -58,19 +77,20 @@ def add_bias_scale(linear: nn.Linear, *, bias: bool, scale: bool, scale_side: st
 
 
 def _scale_input(linear: nn.Linear, args: tuple) -> tuple | None:
-    if linear.adapter_merged:
+    if bias_scale_state(linear).merged:
         return None
     x = args[0]
     return (x * linear.adapter_scale.to(x.dtype), *args[1:])
 
 
 def _add_output_terms(linear: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-    if linear.adapter_merged:
+    state = bias_scale_state(linear)
+    if state.merged:
         return None
     bias = getattr(linear, "adapter_bias", None)
     if bias is not None:
         output = output + bias.to(output.dtype)
-    if linear.adapter_scale_side == "output" and getattr(linear, "adapter_scale", None) is not None:
+    if state.scale_side == "output" and getattr(linear, "adapter_scale", None) is not None:
         output = output * linear.adapter_scale.to(output.dtype)
     return output
 
@@ -83,7 +103,8 @@ def merge_linear(module: nn.Module, *, merge_lora: bool = True, keep_originals: 
     (only when the weight changes) so `unmerge_linear` restores it bit for bit.
     """
     linear = frozen_linear(module)
-    if getattr(linear, "adapter_merged", False):
+    state = bias_scale_state(linear)
+    if state is not None and state.merged:
         return
     scale = getattr(linear, "adapter_scale", None)
     bias = getattr(linear, "adapter_bias", None)
@@ -97,7 +118,7 @@ def merge_linear(module: nn.Module, *, merge_lora: bool = True, keep_originals: 
         if bias is not None:
             new_bias = bias.float() if new_bias is None else new_bias + bias.float()
         if scale is not None:
-            if linear.adapter_scale_side == "input":
+            if state.scale_side == "input":
                 weight.copy_((weight.float() * scale.float()).to(weight.dtype))
             else:
                 weight.copy_((weight.float() * scale.float()[:, None]).to(weight.dtype))
@@ -107,8 +128,11 @@ def merge_linear(module: nn.Module, *, merge_lora: bool = True, keep_originals: 
                 linear.bias = nn.Parameter(new_bias.to(weight.dtype), requires_grad=False)
             else:
                 linear.bias.copy_(new_bias.to(linear.bias.dtype))
-    linear.adapter_originals = originals if keep_originals else None
-    linear.adapter_merged = True
+    if state is None:  # LoRA alone on this linear: the state records the merge for unmerge_linear
+        state = BiasScaleState()
+        setattr(linear, STATE_ATTRIBUTE, state)
+    state.originals = originals if keep_originals else None
+    state.merged = True
     if lora:
         module.merge()
 
@@ -116,9 +140,10 @@ def merge_linear(module: nn.Module, *, merge_lora: bool = True, keep_originals: 
 def unmerge_linear(module: nn.Module) -> None:
     """Undo `merge_linear` exactly: original weight and bias back, hooks active again."""
     linear = frozen_linear(module)
-    if not getattr(linear, "adapter_merged", False):
+    state = bias_scale_state(linear)
+    if state is None or not state.merged:
         return
-    originals = linear.adapter_originals
+    originals = state.originals
     if originals is None:
         raise ValueError("this model was merged with keep_originals=False; reload the base model to unmerge")
     if module is not linear and module.merged:
@@ -130,5 +155,5 @@ def unmerge_linear(module: nn.Module) -> None:
             linear.bias = None
         else:
             linear.bias.copy_(originals["bias"])
-    linear.adapter_originals = None
-    linear.adapter_merged = False
+    state.originals = None
+    state.merged = False

@@ -36,6 +36,7 @@ from mmadapter.adapters.methods.bias_scale import (
     LINEAR_PATHS,
     SCALE_SIDES,
     add_bias_scale,
+    bias_scale_state,
     frozen_linear,
     merge_linear,
     unmerge_linear,
@@ -433,7 +434,7 @@ class LlamaAdapterV2(AdapterMethod):
             prompt_layer = getattr(layer.self_attn, "adapter_prompt", None) is not None
             for short in _ALL_LINEARS:
                 module = layer.get_submodule(LINEAR_PATHS[short])
-                if module is frozen_linear(module) and not hasattr(module, "adapter_merged"):
+                if module is frozen_linear(module) and bias_scale_state(module) is None:
                     continue  # nothing attached to this linear
                 merge_lora = not (prompt_layer and short in ("k", "v"))
                 merge_linear(module, merge_lora=merge_lora, keep_originals=keep_originals)

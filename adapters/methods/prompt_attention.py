@@ -11,11 +11,13 @@ and g = tanh(gate) starts at zero, so the adapted model starts as the base model
 transformers 5 calls a registered attention function with the query *after* RoPE, so the prompt
 branch is added there, before `o_proj`, without recomputing the query (DESIGN §3). Parameters
 live on the attention module itself (`self_attn.adapter_prompt`, `self_attn.adapter_gate`), so
-base checkpoints still load by their usual names.
+base checkpoints still load by their usual names; everything else the branch needs is one typed
+`GatedPromptState` beside them (peft's layer classes keep their state the same way).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -30,6 +32,34 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 VISUAL_PROMPT_KWARG = "adapter_visual_prompt"
 _PREFIX = "mmadapter_"
 _KERNELS: dict[str, Callable] = {"sdpa": sdpa_attention_forward, "eager": eager_attention_forward}
+STATE_ATTRIBUTE = "adapter_prompt_state"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PromptKeyValues:
+    """Prompt keys and values computed without autograd, valid while `signature` (the weights' identity and
+    version, the dtype, whether a visual prompt was fused) and the visual prompt are unchanged."""
+
+    signature: tuple
+    visual_prompt: torch.Tensor | None
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclasses.dataclass(eq=False)
+class GatedPromptState:
+    """What a prompt-adapted attention module knows besides its two parameters."""
+
+    gate_tanh: bool
+    """g = tanh(gate) (the paper, released V2) or the raw gate (the official V1 example.py)."""
+    fuse_visual: bool
+    """Whether this layer adds the visual prompt to its learned prompt."""
+    cache: PromptKeyValues | None = None
+
+
+def prompt_state(attention: nn.Module) -> GatedPromptState | None:
+    """The attention module's prompt state, or None where no prompt is attached."""
+    return getattr(attention, STATE_ATTRIBUTE, None)
 
 
 def add_gated_prompt(
@@ -44,8 +74,7 @@ def add_gated_prompt(
     num_heads = attention.config.num_attention_heads
     attention.adapter_prompt = nn.Parameter(torch.randn(prompt_length, hidden, device=weight.device))
     attention.adapter_gate = nn.Parameter(torch.zeros(num_heads, device=weight.device))
-    attention.adapter_gate_tanh = gate_tanh
-    attention.adapter_fuse_visual = fuse_visual
+    setattr(attention, STATE_ATTRIBUTE, GatedPromptState(gate_tanh=gate_tanh, fuse_visual=fuse_visual))
 
 
 def _tensor_signature(tensors: list[torch.Tensor]) -> tuple:
@@ -60,14 +89,15 @@ def prompt_key_values(
     They depend only on weights (and the request's image), so without autograd they are computed
     once and reused for every generated token until a weight changes.
     """
-    fuse = visual_prompt is not None and attention.adapter_fuse_visual
+    state = prompt_state(attention)
+    fuse = visual_prompt is not None and state.fuse_visual
     grad = torch.is_grad_enabled()
     if not grad:
         weights = [attention.adapter_prompt, *attention.k_proj.parameters(), *attention.v_proj.parameters()]
         signature = (_tensor_signature(weights), dtype, fuse)
-        cached = getattr(attention, "_adapter_kv_cache", None)
-        if cached is not None and cached[0] == signature and (not fuse or cached[1] is visual_prompt):
-            return cached[2]
+        cached = state.cache
+        if cached is not None and cached.signature == signature and (not fuse or cached.visual_prompt is visual_prompt):
+            return cached.keys, cached.values
     prompt = attention.adapter_prompt
     prompt = prompt + visual_prompt.to(prompt.dtype) if fuse else prompt.unsqueeze(0)  # (b, K, D)
     prompt = prompt.to(dtype)
@@ -78,7 +108,7 @@ def prompt_key_values(
     keys = k_proj(prompt).view(batch, length, -1, head_dim).transpose(1, 2)
     values = v_proj(prompt).view(batch, length, -1, head_dim).transpose(1, 2)
     if not grad:
-        attention._adapter_kv_cache = (signature, visual_prompt if fuse else None, (keys, values))
+        state.cache = PromptKeyValues(signature, visual_prompt if fuse else None, keys, values)
     return keys, values
 
 
@@ -95,7 +125,7 @@ def gated_prompt_output(
     # No mask: every query sees all K prompt slots. The fused kernel accumulates the softmax in float32.
     output = F.scaled_dot_product_attention(grouped, keys, values, scale=attention.scaling)
     output = output.view(batch, num_heads, length, head_dim)
-    gate = attention.adapter_gate.tanh() if attention.adapter_gate_tanh else attention.adapter_gate
+    gate = attention.adapter_gate.tanh() if prompt_state(attention).gate_tanh else attention.adapter_gate
     output = gate.to(query.dtype).view(1, num_heads, 1, 1) * output
     return output.transpose(1, 2)
 
