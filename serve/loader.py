@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mmadapter.adapters.backbones.chatglm.chat import CHAT_DEFAULTS
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
 from mmadapter.adapters.backbones.presets import BASE_PRESETS
 from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
@@ -32,7 +33,10 @@ DEFAULT_TEMPLATES = {"llama": "alpaca", "chatglm": "chatglm"}
 #: ChatGLM-6B's chat()/stream_chat() (spec chatglm-6b-ptuning-v2 §2.8).
 DEFAULT_SAMPLING = {
     "llama": SamplingParams(max_new_tokens=256, temperature=0.1, top_p=0.75),
-    "chatglm": SamplingParams(max_new_tokens=512, temperature=0.95, top_p=0.7),
+    # chat()'s own defaults; max_length 2048 counts the prompt, so serving caps the answer instead.
+    "chatglm": SamplingParams(
+        max_new_tokens=512, temperature=CHAT_DEFAULTS["temperature"], top_p=CHAT_DEFAULTS["top_p"]
+    ),
 }
 
 

@@ -11,14 +11,11 @@ full-width (the tokenizer normalises full-width punctuation away, so the model e
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator, Sequence
-from queue import Queue
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from mmadapter.core.templates import get_template
 
@@ -98,61 +95,34 @@ def chat(model, tokenizer, query: str, history: Sequence[Turn] | None = None, **
     return response, history + [(query, response)]
 
 
-class _TokenQueue(BaseStreamer):
-    """Receives generate()'s tokens (the prompt first, then one step at a time) for a consumer thread."""
-
-    def __init__(self) -> None:
-        self.queue: Queue[list[int] | None] = Queue()
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-
-class _StopWhenSet(StoppingCriteria):
-    """Stops generate() at the next step once the consumer has gone away."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 def stream_chat(
     model, tokenizer, query: str, history: Sequence[Turn] | None = None, **generate_kwargs: Any
 ) -> Iterator[tuple[str, list[Turn]]]:
-    """Yield `(response_so_far, history + [(query, response_so_far)])` after every generated token."""
+    """Yield `(response_so_far, history + [(query, response_so_far)])` after every generated token.
+
+    A plain generator, no streamer thread: `generate()` runs one token at a time on a KV cache that
+    carries over, so sampling draws the same random numbers as one `chat()` call, and a consumer that
+    stops iterating stops generation at once.
+    """
     history = list(history or [])
     inputs = _encode(model, tokenizer, query, history)
     kwargs = _generation_kwargs(tokenizer, generate_kwargs)
-    streamer, stop, failure = _TokenQueue(), threading.Event(), []
-    criteria = StoppingCriteriaList([_StopWhenSet(stop), *(kwargs.pop("stopping_criteria", None) or [])])
-
-    def run() -> None:
-        try:
-            model.generate(**inputs, **kwargs, streamer=streamer, stopping_criteria=criteria)
-        except Exception as error:  # re-raised in the consumer
-            failure.append(error)
-        finally:
-            streamer.end()
-
-    worker = threading.Thread(target=run, name="chatglm-stream-chat", daemon=True)
-    worker.start()
-    generated: list[int] = []
-    try:
-        while (tokens := streamer.queue.get()) is not None:
-            generated.extend(tokens)
-            response = decode_reply(tokenizer, generated)
-            yield response, history + [(query, response)]
-    finally:
-        stop.set()
-        worker.join()
-    if failure:
-        raise failure[0]
+    prompt_length = inputs["input_ids"].shape[1]
+    budget = kwargs.pop("max_new_tokens", None) or kwargs.pop("max_length") - prompt_length
+    kwargs.pop("max_length", None)
+    ids, mask, cache = inputs["input_ids"], inputs["attention_mask"], None
+    for _ in range(budget):
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            max_new_tokens=1,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+        ids, cache = output.sequences, output.past_key_values
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+        response = decode_reply(tokenizer, ids[0, prompt_length:].tolist())
+        yield response, history + [(query, response)]
+        if ids[0, -1].item() == tokenizer.eos_token_id:
+            return
