@@ -31,7 +31,7 @@ from benchlib import RESULTS, saved_for_backward, write_results
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, optimizer_param_groups
 from mmadapter.adapters.backbones.presets import llama_config
 from mmadapter.adapters.methods.base import mark_trainable, no_weight_decay
-from mmadapter.train.loop import TokenLoss
+from mmadapter.train.loss import TokenLoss
 
 
 def method_configs(layers: int) -> dict[str, tuple[str, dict] | None]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
@@ -22,11 +23,12 @@ from mmadapter.core.examples import Example
 from mmadapter.core.templates import get_template
 from mmadapter.train.chatglm_data import ChatGLMRow, build_eval_example, eval_prompt
 from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, chatglm_data_config, load_samples
-from mmadapter.train.loop import TokenLoss, evaluate, pad_token_id, plain_accelerator
+from mmadapter.train.loss import TokenLoss, evaluate
 from mmadapter.train.metrics import corpus_scores
 from mmadapter.train.multimodal import image_loader_for
 from mmadapter.train.readers import read_examples
 from mmadapter.train.recipe import DataSection, DataSource, parse_recipe
+from mmadapter.train.setup import has_accelerator_device, pad_token_id
 
 #: Official sampling settings of the ChatGLM P-Tuning v2 evaluation.
 OFFICIAL_SAMPLING = {"do_sample": True, "top_p": 0.7, "temperature": 0.95}
@@ -69,9 +71,9 @@ def loss_and_perplexity(model, tokenizer, sources: list[DataSource], data: DataS
     loader, unreadable = image_loader_for(model, data.clip_cache, samples, show_progress=True, train=False)
     skip = {s.source for s in unreadable}
     dataset = SupervisedDataset([s for s in samples if s.source not in skip], loader)
-    accelerator = plain_accelerator()
+    processes = PartialState(cpu=not has_accelerator_device())  # evaluating needs no Accelerator
     collate = Collator(pad_token_id=pad_token_id(tokenizer))
-    result = evaluate(accelerator, TokenLoss(model).to(accelerator.device), dataset, collate, batch_size)
+    result = evaluate(processes, TokenLoss(model).to(processes.device), dataset, collate, batch_size)
     return {**result, "samples": len(dataset), "bad_samples": len(bad.samples) + len(unreadable)}
 
 

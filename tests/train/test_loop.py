@@ -14,8 +14,11 @@ from mmadapter.adapters.methods.base import attach_adapter, make_config, trainab
 from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompter_of
 from mmadapter.core.examples import DataError
 from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, load_samples
-from mmadapter.train.loop import TokenLoss, TrainingStopped, accumulate_gradients, plain_accelerator, train
+from mmadapter.train.loop import TrainingStopped, train
+from mmadapter.train.loss import TokenLoss
 from mmadapter.train.recipe import DataSection, DataSource, load_recipe
+from mmadapter.train.setup import plain_accelerator
+from mmadapter.train.step import BackwardPerKind, accumulate_gradients
 from tests.train.conftest import COLOURS, TINY_ADAPTERS, alpaca_rows, write_image, write_json, write_jsonl
 
 #: Learning rates at which each method visibly learns the tiny task in 8 steps.
@@ -156,7 +159,7 @@ def test_mixed_batch_routes_each_kinds_loss_to_its_own_parameters(caption_data, 
 
     accelerator = plain_accelerator()
     loss_module = TokenLoss(model)
-    accumulate_gradients(accelerator, loss_module, [batch], params, kinds, mixed=True)
+    accumulate_gradients(accelerator, loss_module, [batch], BackwardPerKind(params))
     got = {kind: [p.grad.clone() for p in params[kind]] for kind in kinds}
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_mask")}

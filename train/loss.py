@@ -1,0 +1,74 @@
+"""The training loss (model forward + per-token next-token loss) and the eval loss over a dataset."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from accelerate.utils import reduce
+from torch import nn
+
+from mmadapter.core.encoding import IGNORE_INDEX
+from mmadapter.train.batching import eval_batches, process_batches
+from mmadapter.train.data import Collator, SupervisedDataset
+from mmadapter.train.multimodal import model_inputs
+
+#: What the loss module takes from a collated batch (the rest is bookkeeping: sources, kinds, bad).
+TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "clip_features", "image_mask")
+
+
+class TokenLoss(nn.Module):
+    """Model forward + per-token next-token loss, in one module so DDP/FSDP see a single forward.
+
+    Positions whose label is IGNORE_INDEX (prompt, padding) come out exactly 0.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, **images):
+        logits = self.model(**model_inputs(self.model, input_ids, attention_mask, images)).logits
+        shifted = labels[:, 1:]
+        losses = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        return losses.view_as(shifted)
+
+
+def batch_tensors(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The loss module's inputs of a collated batch, on `device`."""
+    return {name: batch[name].to(device) for name in TENSOR_KEYS if name in batch}
+
+
+@torch.no_grad()
+def evaluate(
+    processes: Accelerator | PartialState,
+    loss_module: nn.Module,
+    dataset: SupervisedDataset,
+    collate: Collator,
+    batch_size: int,
+) -> dict[str, float]:
+    """Mean loss per response token over `dataset` (shared out over processes), and its perplexity.
+
+    `processes` only says who this process is and where it computes: a PartialState does, so
+    evaluating needs no Accelerator (and none of its mixed-precision state).
+    """
+    loss_module.eval()
+    batches, padding = eval_batches(dataset.lengths(), batch_size, processes.num_processes)
+    mine = process_batches(list(zip(batches, padding, strict=True)), processes.process_index, processes.num_processes)
+    totals = torch.zeros(2, device=processes.device)
+    for indices, is_padding in mine:
+        batch = collate([dataset[i] for i in indices])
+        if is_padding:  # keeps forward counts equal on every process; contributes nothing
+            batch["labels"].fill_(IGNORE_INDEX)
+        losses = loss_module(**batch_tensors(batch, processes.device))
+        valid = batch["labels"][:, 1:].to(processes.device) != IGNORE_INDEX
+        totals += torch.stack([losses.sum(), valid.sum().float()])
+    if processes.num_processes > 1:
+        totals = reduce(totals, "sum")
+    loss = float(totals[0] / totals[1].clamp(min=1))
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(totals[1])}

@@ -1,0 +1,66 @@
+"""A stage's resumable state: written every `save_every` steps, restored when a run resumes.
+
+Exact resume needs the optimizer, LR schedule and grad scaler, every process's RNG state and the data
+position (`Progress`); the files themselves are checkpointing.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from accelerate import Accelerator
+from torch.optim.lr_scheduler import LRScheduler
+
+from mmadapter.train.checkpointing import gathered_adapter, is_sharded, save_checkpoint, set_rng_state
+from mmadapter.train.recipe import StageSection, dump_recipe
+from mmadapter.train.state import Progress, Run
+
+
+def save_training_state(
+    run: Run,
+    stage: StageSection,
+    progress: Progress,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: LRScheduler | None,
+) -> None:
+    """A resumable checkpoint. Under FSDP / DeepSpeed the optimizer moments are shards and are not saved:
+    a resumed run continues with exact data order, weights and schedule, but fresh AdamW moments."""
+    accelerator = run.accelerator
+    state = None
+    if optimizer is not None and not is_sharded(accelerator):
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        }
+    path = save_checkpoint(
+        accelerator,
+        run.output_dir,
+        progress.global_step,
+        model=run.model,
+        adapter=gathered_adapter(accelerator, run.model),
+        optimizer_state=state,
+        trainer_state=dataclasses.asdict(progress),
+        recipe_yaml=dump_recipe(run.recipe),
+        training=run.recipe.to_dict(),
+        prompt_template=stage.data.template,
+        keep=stage.train.keep_checkpoints,
+    )
+    run.print(f"checkpoint: {path}")
+
+
+def restore_training_state(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    optimizer_state: dict | None,
+    rng: dict,
+) -> None:
+    """Optimizer, LR schedule and grad scaler as checkpointed, then the RNG states (last: nothing may draw after)."""
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        scheduler.load_state_dict(optimizer_state["scheduler"])
+        if accelerator.scaler is not None and optimizer_state.get("scaler"):
+            accelerator.scaler.load_state_dict(optimizer_state["scaler"])
+    set_rng_state(rng)

@@ -1,0 +1,282 @@
+"""Everything built before the first step: a run's accelerator, model and tokenizer; a stage's
+trainable parameters, data, schedule and optimizer.
+
+What trains comes only from the adapter's selector (`mark_trainable` / `trainable_parameters`), per
+stage: LLaMA-Adapter V2's caption stage and instruction stage update disjoint sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState, PartialState, is_initialized
+from accelerate.utils import DistributedType, ProjectConfiguration
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from tqdm.auto import tqdm
+
+from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
+from mmadapter.adapters.backbones.presets import BASE_PRESETS
+from mmadapter.adapters.io.checkpoint import load_adapter_weights
+from mmadapter.adapters.methods.base import (
+    adapter_config_of,
+    attach_adapter,
+    make_config,
+    optimizer_param_groups,
+    trainable_parameters,
+)
+from mmadapter.adapters.methods.report import format_report, parameter_report
+from mmadapter.core.examples import DataError
+from mmadapter.train.batching import epoch_batches, steps_per_epoch
+from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, load_samples, sample_kinds
+from mmadapter.train.loss import TokenLoss
+from mmadapter.train.multimodal import image_loader_for
+from mmadapter.train.recipe import Recipe, StageSection, TrainSection
+from mmadapter.train.reporting import tracker_for
+from mmadapter.train.resume import restore_training_state
+from mmadapter.train.schedule import make_scheduler
+from mmadapter.train.state import Run
+from mmadapter.train.step import BackwardPerKind, OneBackward, backward_for
+
+# ---------------------------------------------------------------- a run
+
+
+def make_accelerator(recipe: Recipe, output_dir: Path) -> Accelerator:
+    """One Accelerator for the run (mixed precision, trackers, DDP options come from the first stage)."""
+    config = recipe.stages[0].train
+    precision = config.mixed_precision
+    notes = []
+    if precision == "fp16" and not torch.cuda.is_available():
+        precision = "no"
+        notes.append("fp16 mixed precision needs a GPU; training in float32 (bf16 works on CPUs)")
+    tracker, note = tracker_for(config.log_with)
+    notes += [note] if note else []
+    accelerator = plain_accelerator(
+        precision,
+        log_with=tracker,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.ddp_find_unused_parameters)],
+    )
+    if accelerator.distributed_type.value == "DEEPSPEED" and any(s.train.grad_accum > 1 for s in recipe.stages):
+        raise ValueError("under DeepSpeed set train.grad_accum: 1 and raise train.batch_size instead")
+    for note in notes:
+        if accelerator.is_main_process:
+            tqdm.write(f"note: {note}")
+    return accelerator
+
+
+def plain_accelerator(precision: str = "no", **kwargs: Any) -> Accelerator:
+    """An Accelerator; in a single process, a later run may use another precision than an earlier one."""
+    forget_other_precision(precision)
+    # Without cpu=True accelerate does not see torchrun's processes on a machine without an accelerator.
+    return Accelerator(mixed_precision=precision, cpu=not has_accelerator_device(), **kwargs)
+
+
+def forget_other_precision(precision: str) -> None:
+    """Let one process train again in another mixed precision (a notebook, a test session, fp16 then bf16).
+
+    accelerate keeps one AcceleratorState per process and refuses a second precision ("restart your
+    runtime"); 1.15 has no public way to start over, so this clears it with its private
+    `_reset_state()`, as accelerate's own tests do. Only in a single process, where the state holds
+    nothing a later Accelerator needs; processes of a distributed run keep their one precision.
+    Evaluation needs no Accelerator at all (train/loss.py `evaluate` takes a PartialState).
+    """
+    if not is_initialized() or PartialState().num_processes > 1:
+        return
+    state = AcceleratorState()
+    if state.distributed_type != DistributedType.DEEPSPEED and state.mixed_precision != precision:
+        AcceleratorState._reset_state()
+
+
+def has_accelerator_device() -> bool:
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()  # pragma: no cover - torch < 2.6
+
+
+def build_model(recipe: Recipe, model: nn.Module | None, tokenizer: Any) -> tuple[nn.Module, Any]:
+    """The base model with the recipe's adapter attached (or `init_from`'s weights), and its tokenizer."""
+    section = recipe.model
+    if tokenizer is None:
+        folder = section.tokenizer or section.base
+        if folder in BASE_PRESETS:
+            raise ValueError(
+                f"model.tokenizer: base {folder!r} is a preset without a tokenizer; set a tokenizer folder"
+            )
+        tokenizer = load_tokenizer(folder)
+    if model is None:
+        model = load_base_model(section.base, dtype=section.dtype, attn_implementation=section.attn_implementation)
+    if getattr(model, "adapter_config", None) is None:
+        try:
+            config = make_config(recipe.adapter.method, recipe.adapter.preset, **recipe.adapter.options)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"adapter: {error}") from error
+        attach_adapter(model, config)
+        if recipe.adapter.init_from:
+            load_adapter_weights(model, recipe.adapter.init_from)
+    elif adapter_config_of(model).method != recipe.adapter.method:
+        raise ValueError(
+            f"adapter.method is {recipe.adapter.method!r} but the given model carries {adapter_config_of(model).method!r}"
+        )
+    return model, tokenizer
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's padding token, else its EOS token, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    return 0  # pragma: no cover
+
+
+# ---------------------------------------------------------------- a stage
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A stage's optimizer steps and learning rate."""
+
+    total_steps: int
+    per_epoch: int
+    warmup: int
+    global_batch: int
+    peak_lr: float
+
+
+@dataclasses.dataclass
+class StageSetup:
+    """What one stage trains with."""
+
+    route: OneBackward | BackwardPerKind
+    report: dict[str, Any]
+    dataset: SupervisedDataset
+    eval_set: SupervisedDataset | None
+    bad: BadSampleLog
+    collate: Collator
+    schedule: Schedule
+    loss_module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+
+
+def setup_stage(run: Run, stage: StageSection, resume_state: tuple[dict | None, dict] | None) -> StageSetup:
+    """Build a stage, in this order: what trains, data, schedule, optimizer, then the checkpoint's state
+    (restored last: it sets the RNG, which nothing may draw from afterwards)."""
+    accelerator = run.accelerator
+    kinds = sample_kinds(stage.data.train, stage.trains)
+    route = backward_for(select_trainable(run.model, kinds))
+    report = stage_report(run.model, kinds)
+    run.print(format_report(report))
+    if len(kinds) > 1 and accelerator.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        raise ValueError(
+            f"stage {stage.name!r}: mixed data kinds need one process or DDP, not {accelerator.distributed_type}"
+        )
+    dataset, eval_set, bad = load_stage_data(run, stage, kinds)
+    collate = Collator(pad_token_id=pad_token_id(run.tokenizer))
+    schedule = plan_schedule(stage, dataset, accelerator.num_processes)
+    run.print(
+        f"schedule: {schedule.total_steps} steps ({schedule.per_epoch} per epoch), global batch "
+        f"{schedule.global_batch}, peak lr {schedule.peak_lr:.4g} ({stage.train.schedule}, {schedule.warmup} "
+        f"warmup steps), weight decay {stage.train.weight_decay}"
+    )
+    optimizer, scheduler = make_optimizer(run.model, kinds, stage.train, schedule)
+    accelerator.free_memory()
+    loss_module, optimizer = accelerator.prepare(TokenLoss(run.model), optimizer)
+    if resume_state is not None:
+        restore_training_state(accelerator, optimizer, scheduler, *resume_state)
+    return StageSetup(route, report, dataset, eval_set, bad, collate, schedule, loss_module, optimizer, scheduler)
+
+
+def select_trainable(model: nn.Module, kinds: list[str | None]) -> dict[str | None, list[nn.Parameter]]:
+    """Freeze everything but the selector's parameters of every kind of data in the stage; by kind."""
+    params_by_kind = {kind: list(trainable_parameters(model, kind).values()) for kind in kinds}
+    model.requires_grad_(False)
+    for params in params_by_kind.values():
+        for param in params:
+            param.requires_grad_(True)
+    return params_by_kind
+
+
+def stage_report(model: nn.Module, kinds: list[str | None]) -> dict[str, Any]:
+    """The parameter report of a stage; a mixed stage reports the union of its kinds."""
+    reports = [parameter_report(model, kind) for kind in kinds]
+    if len(reports) == 1:
+        return reports[0]
+    merged = dict(reports[0], stage="+".join(str(k) for k in kinds))
+    merged["groups"] = {g: n for r in reports for g, n in r["groups"].items()}
+    merged["trainable_params"] = sum(r["trainable_params"] for r in reports)
+    merged["trainable_fraction"] = merged["trainable_params"] / max(merged["total_params"], 1)
+    return merged
+
+
+def load_stage_data(
+    run: Run, stage: StageSection, kinds: list[str | None]
+) -> tuple[SupervisedDataset, SupervisedDataset | None, BadSampleLog]:
+    """(training set, eval set or None, bad-sample log) of a stage, images checked or cached up front.
+
+    Every row is read, validated and tokenized now; images load per batch.
+    """
+    accelerator, data = run.accelerator, stage.data
+    bad = BadSampleLog(data.on_bad_sample, data.max_bad_fraction)
+    show = accelerator.is_local_main_process
+    samples = load_samples(data.train, run.tokenizer, data, kinds, stage.trains, bad, show_progress=show)
+    eval_samples = samples[: data.eval_from_train]
+    if data.eval:
+        eval_samples += load_samples(data.eval, run.tokenizer, data, kinds, stage.trains, bad, show_progress=show)
+    loader = eval_loader = None
+    with_images = list({s.source: s for s in samples + eval_samples if s.image is not None}.values())
+    if with_images:
+        with accelerator.main_process_first():  # one process fills the CLIP feature cache, the others read it
+            loader, unreadable = image_loader_for(run.model, data.clip_cache, with_images, show)
+        eval_loader = loader if data.clip_cache else image_loader_for(run.model, None, [], show, train=False)[0]
+        for sample in unreadable:
+            bad.add(sample)
+        skip = {s.source for s in unreadable}
+        samples = [s for s in samples if s.source not in skip]
+        eval_samples = [s for s in eval_samples if s.source not in skip]
+        bad.check_fraction(f"stage {stage.name!r} images", len(unreadable), len(samples) + len(unreadable))
+    if not samples:
+        raise DataError(f"stage {stage.name!r}: no usable training samples ({bad.summary(limit=3)})")
+    run.print(f"data: {len(samples)} training samples, {len(eval_samples)} eval samples; {bad.summary(limit=5)}")
+    dataset = SupervisedDataset(samples, loader, seed=stage.train.seed)
+    return dataset, (SupervisedDataset(eval_samples, eval_loader) if eval_samples else None), bad
+
+
+def plan_schedule(stage: StageSection, dataset: SupervisedDataset, processes: int) -> Schedule:
+    """Optimizer steps from epochs (or max_steps); LR from lr, or base_lr x global batch / 256."""
+    config = stage.train
+    plan = dict(batch_size=config.batch_size, grad_accum=config.grad_accum, num_processes=processes)
+    micro_per_epoch = len(epoch_batches(dataset.lengths(), seed=0, epoch=0, group_by_length=False, **plan)) // processes
+    if micro_per_epoch == 0:
+        raise DataError(f"stage {stage.name!r}: {len(dataset)} samples make less than one batch per process")
+    per_epoch = steps_per_epoch(micro_per_epoch, config.grad_accum)
+    global_batch = config.batch_size * config.grad_accum * processes
+    return Schedule(
+        total_steps=config.max_steps or math.ceil(config.epochs * per_epoch),
+        per_epoch=per_epoch,
+        warmup=config.warmup_steps if config.warmup_steps is not None else round(config.warmup_epochs * per_epoch),
+        global_batch=global_batch,
+        peak_lr=config.lr if config.lr is not None else config.base_lr * global_batch / 256,
+    )
+
+
+def make_optimizer(
+    model: nn.Module, kinds: list[str | None], config: TrainSection, schedule: Schedule
+) -> tuple[torch.optim.Optimizer, LRScheduler]:
+    """AdamW with the official grouping (no decay on 1-D tensors and biases), and its LR schedule."""
+    groups = [g for kind in kinds for g in optimizer_param_groups(model, config.weight_decay, kind) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr, betas=config.betas, eps=config.eps)
+    scheduler = make_scheduler(
+        optimizer,
+        peak=schedule.peak_lr,
+        total=schedule.total_steps,
+        warmup=schedule.warmup,
+        schedule=config.schedule,
+        min_lr=config.min_lr,
+    )
+    return optimizer, scheduler
