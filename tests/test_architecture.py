@@ -49,3 +49,16 @@ def test_an_upward_import_breaks_the_contract(tmp_path):
     broken = _lint_imports(replica, "--config", "contract.toml", env=env)
     assert broken.returncode != 0
     assert "BROKEN" in broken.stdout and "mmx.core.files -> mmx.serve.generate" in broken.stdout
+
+
+def test_the_architecture_page_draws_the_contracts_layers_in_order():
+    """docs/architecture.md's picture names every layer of the contract, top to bottom, in its order."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c["layers"] for c in contracts if c["type"] == "layers" and "containers" not in c)
+    inner = next(c["layers"] for c in contracts if c.get("containers") == ["mmadapter.adapters"])
+    picture = (ROOT / "docs" / "architecture.md").read_text().split("```text")[1].split("```")[0]
+    packages = [name.strip() for layer in layers for name in layer.split("|")]
+    positions = [picture.index(f"{package} ") for package in packages]
+    assert positions == sorted(positions)  # train and serve share a row, train drawn left
+    inner_positions = [picture.index(f"│   {name} ") for name in inner]
+    assert inner_positions == sorted(inner_positions)

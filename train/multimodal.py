@@ -1,7 +1,7 @@
 """Images into the training loop: per-sample image inputs, and the visual prompt of a batch.
 
 An adapter with a visual projector (LLaMA-Adapter V2) takes images as a visual prompt passed to
-the model's forward as `adapter_visual_prompt=` (adapters/prompt_attention.py). Samples are loaded
+the model's forward as `adapter_visual_prompt=` (adapters/methods/prompt_attention.py). Samples are loaded
 as CLIP pixels with the official training transform (random resized crop), or, when
 `data.clip_cache` is set, as cached frozen-CLIP token features (vision/feature_cache.py), which
 skips CLIP entirely after the first epoch (at the cost of the random crop).

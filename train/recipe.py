@@ -64,7 +64,7 @@ class DataSection:
     eval_from_train: int = 0
     """Also evaluate on the first N training examples (the official V1 "val" split is 200)."""
     template: str = "alpaca"
-    """Prompt template name (train/templates.py)."""
+    """Prompt template name (core/templates.py)."""
     caption_instruction: str = "Generate caption of this image"
     """Instruction of caption samples, rendered in the template's no-input form (official V2)."""
     max_length: int = 512

@@ -14,7 +14,7 @@ P-Tuning v2 hook (spec §5.2-5.3): when `model.transformer.prefix_encoder` is se
 method), a forward with an empty cache calls `prefix_encoder(batch_size, dtype=activation dtype)` for
 per-layer prefix keys and values `[layers, 2, b, heads, P, head_dim]` and uses them as leading cached
 keys/values: no rotary on them, visible to every query, positions not shifted. The encoder owns the
-official cast-then-dropout(0.1) step (`adapters/prefix_encoder.py`), so the model adds no dropout.
+official cast-then-dropout(0.1) step (`adapters/methods/prefix_encoder.py`), so the model adds no dropout.
 """
 
 from __future__ import annotations
