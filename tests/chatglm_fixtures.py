@@ -1,0 +1,79 @@
+"""ChatGLM-6B fixtures for every test folder (a plugin of tests/conftest.py): a tiny random model with the real special-token ids, and a tiny
+sentencepiece model trained here whose special pieces sit at the real ids (130000-130007)."""
+
+from __future__ import annotations
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from mmadapter.adapters.backbones.presets import base_config, build_base_model
+
+CORPUS = [
+    "你好，世界！今天天气很好。",
+    "我们一起学习机器学习和自然语言处理。",
+    "晚上睡不着怎么办？介绍下贵州和清华大学。",
+    "ChatGLM-6B 是一个开源的、支持中英双语的对话语言模型。",
+    "Hello world, this is a small test of the tokenizer.",
+    "The quick brown fox jumps over the lazy dog.",
+    "def main():\n    return 42\n",
+]
+SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
+
+
+@pytest.fixture
+def tiny_glm():
+    """Factory: the `tiny-chatglm` preset (3 layers, hidden 64, 4 heads, 130528-row vocab) with every
+    parameter random (LayerNorm weights and biases included), in eval mode, frozen."""
+
+    def build(seed: int = 0, attn: str = "eager", dtype: torch.dtype | None = None):
+        torch.manual_seed(seed)
+        model = build_base_model(base_config("tiny-chatglm"))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "layernorm" in name and name.endswith("weight"):
+                    param.copy_(1 + 0.2 * torch.randn_like(param))
+                elif name.endswith("bias"):
+                    param.copy_(0.1 * torch.randn_like(param))
+                else:
+                    param.normal_(0, 0.15)
+        model.set_attn_implementation(attn)
+        if dtype is not None:
+            model.to(dtype)
+        return model.requires_grad_(False).eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def glm_vocab_file(tmp_path_factory):
+    """`ice_text.model` stand-in: fillers up to id 129999, then the special pieces at their real ids, then
+    `<n>`, `<|tab|>`, `<|blank_2..80|>` and ~300 learned pieces (ids below the 130528 embedding rows)."""
+    folder = tmp_path_factory.mktemp("ice_text")
+    fillers = [f"<|filler_{i}|>" for i in range(4, 130000)]
+    layout = ["<n>", "<|tab|>"] + [f"<|blank_{k}|>" for k in range(2, 81)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20),
+        model_prefix=str(folder / "ice_text"),
+        vocab_size=130000 + len(SPECIAL_PIECES) + len(layout) + 300,
+        hard_vocab_limit=False,
+        user_defined_symbols=fillers + SPECIAL_PIECES + layout,
+        model_type="unigram",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        pad_piece="<pad>",
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
+    return folder / "ice_text.model"
+
+
+@pytest.fixture(scope="session")
+def glm_tokenizer(glm_vocab_file):
+    from mmadapter.adapters.backbones.chatglm import ChatGLMTokenizer
+
+    return ChatGLMTokenizer(str(glm_vocab_file))
