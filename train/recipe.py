@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
-import typing
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
+from mmadapter.core.config import Bool, Float, Int, describe, document_type, json_schema, parse
 
+T = TypeVar("T")
+
+
+@document_type
 @dataclasses.dataclass
 class ModelSection:
     base: str
@@ -32,6 +35,7 @@ class ModelSection:
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
+@document_type
 @dataclasses.dataclass
 class AdapterSection:
     method: str
@@ -44,6 +48,7 @@ class AdapterSection:
     """Start from a saved adapter folder instead of the method's initialisation."""
 
 
+@document_type
 @dataclasses.dataclass
 class DataSource:
     format: Literal["alpaca", "conversation", "coco-captions", "caption-jsonl", "chatglm"]
@@ -52,70 +57,73 @@ class DataSource:
     """Image folder for relative image paths (default: the data file's folder)."""
     trains: str | None = None
     """The adapter stage whose parameters this source updates (mixed runs); None: the stage's own."""
-    max_samples: int | None = None
+    max_samples: Int | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Format options, e.g. chatglm: prompt_column, response_column, history_column."""
 
 
+@document_type
 @dataclasses.dataclass
 class DataSection:
     train: list[DataSource] = dataclasses.field(default_factory=list)
     eval: list[DataSource] = dataclasses.field(default_factory=list)
-    eval_from_train: int = 0
+    eval_from_train: Int = 0
     """Also evaluate on the first N training examples (the official V1 "val" split is 200)."""
     template: str = "alpaca"
     """Prompt template name (core/templates.py)."""
     caption_instruction: str = "Generate caption of this image"
     """Instruction of caption samples, rendered in the template's no-input form (official V2)."""
-    max_length: int = 512
+    max_length: Int = 512
     """Truncate examples to this many tokens (official: max_words)."""
-    max_source_length: int = 64
+    max_source_length: Int = 64
     """ChatGLM format: prompt tokens kept (official ptuning/train.sh)."""
-    max_target_length: int = 64
+    max_target_length: Int = 64
     """ChatGLM format: answer tokens kept."""
-    group_by_length: bool = True
+    group_by_length: Bool = True
     on_bad_sample: Literal["skip", "fail"] = "skip"
-    max_bad_fraction: float = 0.05
+    max_bad_fraction: Float = 0.05
     """With skip: stop when more than this fraction of a data file's samples is bad."""
-    num_workers: int = 0
+    num_workers: Int = 0
     clip_cache: str | None = None
     """Folder of the CLIP feature cache (V2); None computes CLIP features on the fly."""
 
 
+@document_type
 @dataclasses.dataclass
 class TrainSection:
-    seed: int = 0
+    seed: Int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    batch_size: int = 4
+    batch_size: Int = 4
     """Per process (per GPU)."""
-    grad_accum: int = 1
-    epochs: float | None = None
-    max_steps: int | None = None
+    grad_accum: Int = 1
+    epochs: Float | None = None
+    max_steps: Int | None = None
     """Optimizer steps; overrides epochs when both are set."""
-    lr: float | None = None
+    lr: Float | None = None
     """Absolute learning rate; or set base_lr."""
-    base_lr: float | None = None
+    base_lr: Float | None = None
     """Official rule: lr = base_lr * effective batch / 256."""
-    min_lr: float = 0.0
+    min_lr: Float = 0.0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """cosine: linear warmup then half-cycle cosine to min_lr (official V1/V2); linear: HF Trainer's."""
-    warmup_epochs: float = 0.0
-    warmup_steps: int | None = None
+    warmup_epochs: Float = 0.0
+    warmup_steps: Int | None = None
     """Overrides warmup_epochs when set."""
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float | None = None
-    log_every: int = 10
-    eval_every: int | None = None
-    save_every: int | None = None
-    keep_checkpoints: int = 2
+    weight_decay: Float = 0.0
+    betas: tuple[Float, Float] = (0.9, 0.999)
+    eps: Float = 1e-8
+    grad_clip: Float | None = None
+    log_every: Int = 10
+    eval_every: Int | None = None
+    save_every: Int | None = None
+    keep_checkpoints: Int = 2
     log_with: Literal["tensorboard", "none"] = "tensorboard"
-    ddp_find_unused_parameters: bool = False
+    ddp_find_unused_parameters: Bool = False
     """DDP: set true when some trainable parameters get no gradient in a step (DDP's error says so);
     it costs a graph traversal per step. Stages mixing data kinds average gradients without DDP's hooks."""
 
 
+@document_type
 @dataclasses.dataclass
 class StageSection:
     name: str
@@ -126,6 +134,7 @@ class StageSection:
     data: DataSection = dataclasses.field(default_factory=DataSection)
 
 
+@document_type
 @dataclasses.dataclass
 class Recipe:
     model: ModelSection
@@ -147,93 +156,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------- typed conversion with key paths
-
-
-def _describe(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
-
-
-def _convert(value: Any, annotation: Any, key: str) -> Any:
-    """Check `value` against a type annotation; `key` names it in errors."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:
-            return _convert(value, options[0], key)
-        raise TypeError(f"{key}: unsupported annotation {annotation}")  # pragma: no cover
-    if annotation is Any:
-        return value
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{key}: expected one of {', '.join(map(str, args))}, got {_describe(value)}")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list, got {_describe(value)}")
-        return [_convert(item, args[0], f"{key}.{i}") for i, item in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ValueError(f"{key}: expected a list of {len(args)} values, got {_describe(value)}")
-        return tuple(_convert(item, arg, f"{key}.{i}") for i, (item, arg) in enumerate(zip(value, args, strict=True)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {_describe(value)}")
-        return dict(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {_describe(value)}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected int, got {_describe(value)}")
-        return value
-    if annotation is float:
-        # PyYAML reads `2e-2` (no dot) as a string: accept numeric strings, refuse anything else.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise ValueError(f"{key}: expected float, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{key}: expected float, got {_describe(value)}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {_describe(value)}")
-        return value
-    raise TypeError(f"{key}: unsupported annotation {annotation}")  # pragma: no cover
-
-
-def _build(cls: type, values: Any, key: str) -> Any:
-    """A dataclass from a mapping, rejecting unknown keys and missing required ones by name."""
-    where = f"{key}: " if key else ""
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}expected a mapping, got {_describe(values)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        prefix = f"{key}." if key else ""
-        raise ValueError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(fields)})")
-    kwargs = {}
-    for name, field in fields.items():
-        path = f"{key}.{name}" if key else name
-        if name in values:
-            kwargs[name] = _convert(values[name], hints[name], path)
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ValueError(f"{path}: required key is missing")
-    return cls(**kwargs)
-
-
-def build_section(cls: type, values: dict[str, Any], key: str) -> Any:
+def build_section(cls: type[T], values: dict[str, Any], key: str) -> T:
     """One recipe section (e.g. DataSection) from a mapping, checked like a whole recipe."""
-    return _build(cls, values, key)
+    return parse(cls, values, key)
+
+
+def recipe_schema() -> dict[str, Any]:
+    """The JSON schema of a recipe file as written (`mmadapter train --schema`, for editors): the
+    resolved form plus top-level `train:`/`data:` defaults, and `stages` optional."""
+    schema = json_schema(Recipe)
+    schema["properties"]["train"] = {"$ref": "#/$defs/TrainSection", "description": "Defaults of every stage."}
+    schema["properties"]["data"] = {"$ref": "#/$defs/DataSection", "description": "Defaults of every stage."}
+    schema["required"].remove("stages")
+    return schema
 
 
 # ---------------------------------------------------------------- merging, overrides, validation
@@ -324,8 +259,8 @@ def _resolve_stages(document: dict[str, Any]) -> dict[str, Any]:
     document = dict(document)
     defaults = {"train": document.pop("train", {}) or {}, "data": document.pop("data", {}) or {}}
     # Check the defaults as written, so errors name the key the user wrote (train.lr, not stages.0.train.lr).
-    _build(TrainSection, defaults["train"], "train")
-    _build(DataSection, defaults["data"], "data")
+    parse(TrainSection, defaults["train"], "train")
+    parse(DataSection, defaults["data"], "data")
     stages = document.get("stages")
     if stages is None:
         stages = [{"name": "train"}]
@@ -334,7 +269,7 @@ def _resolve_stages(document: dict[str, Any]) -> dict[str, Any]:
     resolved = []
     for i, stage in enumerate(stages):
         if not isinstance(stage, dict):
-            raise ValueError(f"stages.{i}: expected a mapping, got {_describe(stage)}")
+            raise ValueError(f"stages.{i}: expected a mapping, got {describe(stage)}")
         resolved.append(_deep_merge(defaults, _renamed_stage_key(stage, i)))
     document["stages"] = resolved
     return document
@@ -379,9 +314,9 @@ def _validate(recipe: Recipe, implicit_stage: bool) -> None:
 def parse_recipe(document: dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:
     """A typed, validated recipe from a raw mapping plus dotted overrides."""
     if not isinstance(document, dict):
-        raise ValueError(f"a recipe must be a mapping at the top level, got {_describe(document)}")
+        raise ValueError(f"a recipe must be a mapping at the top level, got {describe(document)}")
     document = apply_overrides(document, _for_every_stage(document, overrides or {}))
-    recipe = _build(Recipe, _resolve_stages(document), "")
+    recipe = parse(Recipe, _resolve_stages(document))
     _validate(recipe, implicit_stage="stages" not in document)
     return recipe
 
