@@ -2,7 +2,7 @@
 
 Read top to bottom: `train` sets up a run (accelerate, model, adapter, trackers, resume) and walks the
 recipe's stages; `run_stage` builds a stage, runs its steps and saves its outputs; `run_steps` is the
-loop itself. The parts live next door, one job each:
+loop itself, and says when it logs, evaluates and saves. The parts live next door, one job each:
 - setup.py: the accelerator, model and tokenizer of a run; a stage's trainable parameters, data,
   schedule and optimizer;
 - step.py: one optimizer step (its micro-batches, gradient accumulation, statistics and checks);
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -37,7 +38,7 @@ from mmadapter.train.checkpointing import CHECKPOINTS, RECIPE_FILE, find_checkpo
 from mmadapter.train.loss import evaluate
 from mmadapter.train.recipe import Recipe, StageSection, dump_recipe
 from mmadapter.train.reporting import flat_hparams
-from mmadapter.train.resume import save_training_state
+from mmadapter.train.resume import ResumeState, save_training_state
 from mmadapter.train.setup import StageSetup, build_model, make_accelerator, setup_stage
 from mmadapter.train.state import Progress, Run, TrainingStopped, TrainResult
 from mmadapter.train.step import StepStats, accumulate_gradients, check_step, step_batches
@@ -90,7 +91,7 @@ def train(
         accelerator.trackers = []
 
 
-def run_stages(run: Run, progress: Progress, resume_state: tuple[dict | None, dict] | None) -> TrainResult:
+def run_stages(run: Run, progress: Progress, resume_state: ResumeState | None) -> TrainResult:
     """The recipe's stages from `progress.stage_index` on, then the final adapter and summary."""
     stages = run.recipe.stages
     for index in range(progress.stage_index, len(stages)):
@@ -104,9 +105,7 @@ def run_stages(run: Run, progress: Progress, resume_state: tuple[dict | None, di
     return TrainResult(adapter_dir, summary, run.accelerator.is_main_process)
 
 
-def run_stage(
-    run: Run, index: int, stage: StageSection, progress: Progress, resume_state: tuple[dict | None, dict] | None
-) -> None:
+def run_stage(run: Run, index: int, stage: StageSection, progress: Progress, resume_state: ResumeState | None) -> None:
     """Train one stage of the recipe from `progress` (fresh, or restored from a checkpoint)."""
     stages = run.recipe.stages
     trains = f" (trains {stage.trains})" if stage.trains else ""
@@ -126,17 +125,12 @@ def run_stage(
 
 
 def run_steps(run: Run, stage: StageSection, setup: StageSetup, progress: Progress) -> None:
-    """Optimizer steps until the stage's last, with logging, evaluation and checkpoints between them."""
-    accelerator, total = run.accelerator, setup.schedule.total_steps
+    """Optimizer steps until the stage's last; a log record, an evaluation, a checkpoint when due (the
+    last step always logs and evaluates; its checkpoint is the one at the stage's end)."""
+    accelerator, config, total = run.accelerator, stage.train, setup.schedule.total_steps
     bar = tqdm(total=total, initial=progress.step, desc=stage.name, disable=not accelerator.is_local_main_process)
     steps = step_batches(
-        setup.dataset,
-        setup.collate,
-        stage.data,
-        stage.train,
-        progress,
-        accelerator.num_processes,
-        accelerator.process_index,
+        setup.dataset, setup.collate, stage, progress, accelerator.num_processes, accelerator.process_index
     )
     window = Window()
     setup.loss_module.train()
@@ -145,20 +139,29 @@ def run_steps(run: Run, stage: StageSection, setup: StageSetup, progress: Progre
         batches, epoch, micro_batch = next(steps)
         stats = accumulate_gradients(accelerator, setup.loss_module, batches, setup.route)
         check_step(run, stage, progress, stats, setup.bad, len(setup.dataset), epoch)
-        lr, grad_norm = optimizer_step(run, stage, setup, stats)
+        lr, grad_norm = optimizer_step(accelerator, setup, config.grad_clip, stats)
         seconds = time.perf_counter() - started
         progress.step_done(epoch, micro_batch, stats.tokens, seconds)
         window.add(stats, seconds)
         bar.update(1)
-        between_steps(run, stage, setup, progress, window, lr, grad_norm, bar)
+
+        last = progress.step == total
+        if progress.step % config.log_every == 0 or last:
+            log_window(run, progress, window.record(stage.name, progress, lr, grad_norm), bar)
+        if setup.eval_set is not None and ((config.eval_every and progress.step % config.eval_every == 0) or last):
+            evaluate_stage(run, stage, setup, progress)
+        if config.save_every and progress.step % config.save_every == 0 and not last:
+            save_training_state(run, stage, progress, setup.optimizer, setup.scheduler)
     bar.close()
 
 
-def optimizer_step(run: Run, stage: StageSection, setup: StageSetup, stats: StepStats) -> tuple[float, float | None]:
+def optimizer_step(
+    accelerator: Accelerator, setup: StageSetup, grad_clip: float | None, stats: StepStats
+) -> tuple[float, float | None]:
     """Clip, update, advance the schedule; returns the step's learning rate and gradient norm (if clipped)."""
     grad_norm = None
-    if stage.train.grad_clip is not None:
-        grad_norm = float(run.accelerator.clip_grad_norm_(setup.route.params, stage.train.grad_clip))
+    if grad_clip is not None:
+        grad_norm = float(accelerator.clip_grad_norm_(setup.route.params, grad_clip))
     lr = setup.scheduler.get_last_lr()[0]
     if stats.response_tokens > 0:  # a step whose samples were all unusable changes nothing
         setup.optimizer.step()
@@ -167,30 +170,18 @@ def optimizer_step(run: Run, stage: StageSection, setup: StageSetup, stats: Step
     return lr, grad_norm
 
 
-def between_steps(
-    run: Run,
-    stage: StageSection,
-    setup: StageSetup,
-    progress: Progress,
-    window: Window,
-    lr: float,
-    grad_norm: float | None,
-    bar: tqdm,
-) -> None:
-    """Whatever is due after this step: a log record, an evaluation, a checkpoint (the stage's last step
-    always logs and evaluates; its checkpoint is the stage's end)."""
-    config, last = stage.train, progress.step == setup.schedule.total_steps
-    if progress.step % config.log_every == 0 or last:
-        record = window.record(stage.name, progress, lr, grad_norm)
-        progress.history.append(record)
-        log(run, record)
-        loss = record["loss"] or float("nan")
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
-    if setup.eval_set is not None and ((config.eval_every and progress.step % config.eval_every == 0) or last):
-        result = evaluate(run.accelerator, setup.loss_module, setup.eval_set, setup.collate, config.batch_size)
-        result.update(stage=stage.name, step=progress.step, global_step=progress.global_step)
-        progress.evals.append(result)
-        log(run, result)
-        setup.loss_module.train()
-    if config.save_every and progress.step % config.save_every == 0 and not last:
-        save_training_state(run, stage, progress, setup.optimizer, setup.scheduler)
+def log_window(run: Run, progress: Progress, record: dict[str, Any], bar: tqdm) -> None:
+    """Keep a log record in the stage's history, send it to the trackers, show it on the progress bar."""
+    progress.history.append(record)
+    log(run, record)
+    loss = record["loss"] or float("nan")
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
+
+
+def evaluate_stage(run: Run, stage: StageSection, setup: StageSetup, progress: Progress) -> None:
+    """Eval loss on the stage's eval set, kept in the stage's evals and logged; then back to training."""
+    result = evaluate(run.accelerator, setup.loss_module, setup.eval_set, setup.collate, stage.train.batch_size)
+    result.update(stage=stage.name, step=progress.step, global_step=progress.global_step)
+    progress.evals.append(result)
+    log(run, result)
+    setup.loss_module.train()

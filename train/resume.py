@@ -16,6 +16,9 @@ from mmadapter.train.checkpointing import gathered_adapter, is_sharded, save_che
 from mmadapter.train.recipe import StageSection, dump_recipe
 from mmadapter.train.state import Progress, Run
 
+#: (optimizer, scheduler and scaler states or None, every process's RNG states), as `load_checkpoint` reads them.
+ResumeState = tuple[dict | None, dict]
+
 
 def save_training_state(
     run: Run,

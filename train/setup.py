@@ -38,7 +38,7 @@ from mmadapter.train.loss import TokenLoss
 from mmadapter.train.multimodal import image_loader_for
 from mmadapter.train.recipe import Recipe, StageSection, TrainSection
 from mmadapter.train.reporting import tracker_for
-from mmadapter.train.resume import restore_training_state
+from mmadapter.train.resume import ResumeState, restore_training_state
 from mmadapter.train.schedule import make_scheduler
 from mmadapter.train.state import Run
 from mmadapter.train.step import BackwardPerKind, OneBackward, backward_for
@@ -164,7 +164,7 @@ class StageSetup:
     scheduler: LRScheduler
 
 
-def setup_stage(run: Run, stage: StageSection, resume_state: tuple[dict | None, dict] | None) -> StageSetup:
+def setup_stage(run: Run, stage: StageSection, resume_state: ResumeState | None) -> StageSetup:
     """Build a stage, in this order: what trains, data, schedule, optimizer, then the checkpoint's state
     (restored last: it sets the RNG, which nothing may draw from afterwards)."""
     accelerator = run.accelerator

@@ -27,18 +27,17 @@ from mmadapter.core.encoding import IGNORE_INDEX
 from mmadapter.core.examples import DataError
 from mmadapter.train.batching import epoch_batches, process_batches
 from mmadapter.train.checkpointing import CHECKPOINTS
-from mmadapter.train.data import BadSampleLog, SupervisedDataset
+from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset
 from mmadapter.train.loss import batch_tensors
 from mmadapter.train.readers import BadSample
-from mmadapter.train.recipe import DataSection, StageSection, TrainSection
+from mmadapter.train.recipe import StageSection
 from mmadapter.train.state import Progress, Run, TrainingStopped
 
 
 def step_batches(
     dataset: SupervisedDataset,
-    collate,
-    data: DataSection,
-    config: TrainSection,
+    collate: Collator,
+    stage: StageSection,
     progress: Progress,
     processes: int,
     process_index: int,
@@ -47,6 +46,7 @@ def step_batches(
 
     Starts at `progress.epoch` / `progress.micro_batch`, so a resumed run continues exactly.
     """
+    data, config = stage.data, stage.train
     epoch, start = progress.epoch, progress.micro_batch
     while True:
         batches = epoch_batches(
