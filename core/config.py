@@ -97,7 +97,7 @@ def _message(cls: type, detail: ErrorDetails, prefix: str, key_name: str) -> str
         problem = f"required {key_name} is missing"
     elif kind == "unexpected_keyword_argument":
         known = ", ".join(field.name for field in dataclasses.fields(_annotation_at(cls, loc[:-1])))
-        problem = f"unknown {key_name} (known: {known})"
+        problem = f"unknown {key_name} {loc[-1]!r} (known: {known})"
     elif kind == "literal_error":
         problem = f"expected one of {', '.join(map(str, typing.get_args(_annotation_at(cls, loc))))}{got}"
     else:

@@ -15,10 +15,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mmadapter.core.config import document_type, parse
+
 #: Name of the plain-Python attribute that `attach_adapter` sets on the adapted model.
 CONFIG_ATTRIBUTE = "adapter_config"
 
 
+@document_type
 @dataclasses.dataclass
 class AdapterConfig:
     """Hyperparameters of one adapter method; subclasses add fields with docstrings."""
@@ -30,13 +33,10 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> AdapterConfig:
-        """Build a config from JSON, rejecting unknown keys with their names."""
+        """Build a config from JSON or a recipe's options, checked like a recipe: unknown keys and wrong
+        types are named by field."""
         values = {k: v for k, v in values.items() if k != "method"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.method} config field(s): {', '.join(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+        return parse(cls, values, key_name=f"{cls.method} config field")
 
 
 class AdapterMethod:

@@ -13,17 +13,18 @@ from torch import nn
 
 from mmadapter.adapters.methods.base import AdapterConfig, AdapterMethod, register_method
 from mmadapter.adapters.methods.prompt_attention import add_gated_prompt, use_prompt_attention
+from mmadapter.core.config import Bool, Int
 
 
 @dataclasses.dataclass
 class LlamaAdapterV1Config(AdapterConfig):
     method = "llama-adapter-v1"
 
-    prompt_length: int = 10
+    prompt_length: Int = 10
     """K: prompt vectors per adapted layer (official default 10)."""
-    adapted_layers: int = 30
+    adapted_layers: Int = 30
     """L: how many of the top decoder layers get prompts (official default 30 of 32)."""
-    gate_tanh: bool = True
+    gate_tanh: Bool = True
     """Apply tanh to the gates as the official training code does; False matches its `example.py`."""
 
     def __post_init__(self) -> None:

@@ -25,8 +25,9 @@ import dataclasses
 import logging
 import re
 import types
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
@@ -43,6 +44,7 @@ from mmadapter.adapters.methods.bias_scale import (
 )
 from mmadapter.adapters.methods.llama_adapter_v1 import decoder_layers
 from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG, add_gated_prompt, use_prompt_attention
+from mmadapter.core.config import Bool, Float, Int
 from mmadapter.vision.clip_encoder import FrozenCLIPEncoder
 from mmadapter.vision.projector import VisualProjectorV1, VisualProjectorV2
 from mmadapter.vision.visual_prompt import VisualPrompter
@@ -82,40 +84,51 @@ _FINAL_NORM = "model.norm.weight"
 _ALL_LINEARS = tuple(LINEAR_PATHS)
 
 
+def _not_a_string(value: Any, field: str) -> Any:
+    """A lone YAML name (`bias_linears: q`) is a string, not a list of one name."""
+    if isinstance(value, str):
+        raise ValueError(f"llama-adapter-v2: {field} must be a list, got the string {value!r}")
+    return value
+
+
+#: Names of linears or parameter groups; a document's string gets the message above, not the tuple type's.
+_Names = Annotated[tuple[str, ...], pydantic.BeforeValidator(lambda value, info: _not_a_string(value, info.field_name))]
+
+
 @dataclasses.dataclass
 class LlamaAdapterV2Config(AdapterConfig):
     """Defaults are the released multimodal BIAS-7B model (spec §3)."""
 
     method = "llama-adapter-v2"
 
-    prompt_length: int = 10
+    prompt_length: Int = 10
     """K: prompt vectors per adapted layer (also the number of visual query tokens); 0 = no prompts."""
-    first_adapted_layer: int = 1
+    first_adapted_layer: Int = 1
     """Prompts go into decoder layers first_adapted_layer … N-1 (released: 1, i.e. the last 31 of 32)."""
-    gate_tanh: bool = True
+    gate_tanh: Bool = True
     """Apply tanh to the per-head gates, as all official V2 code does."""
-    bias_linears: tuple[str, ...] = ("q", "o", "gate", "up", "down")
+    bias_linears: _Names = ("q", "o", "gate", "up", "down")
     """Linears of every block that get a zero-init bias (q k v o gate up down; released 7B: q o gate up down)."""
-    scale_linears: tuple[str, ...] = ()
+    scale_linears: _Names = ()
     """Linears of every block that get a one-init scale (released 7B: none; chat-65B: all seven)."""
     scale_side: str = "input"
     """'input': y = W(s⊙x) + b (released chat-65B code); 'output': y = s⊙(Wx + b) (paper eq. 1)."""
-    lora_rank: int = 0
+    lora_rank: Int = 0
     """r of LoRA on `lora_linears` (0 = none; released LORA-BIAS: 16). No alpha scaling, no dropout."""
-    lora_linears: tuple[str, ...] = _ALL_LINEARS
+    lora_linears: _Names = _ALL_LINEARS
     """Linears that get LoRA when lora_rank > 0 (released: all seven)."""
     visual_projector: str = "v2"
     """'v2': CLIP tokens -> query tokens through ViT blocks (released); 'v1': global CLIP feature
     repeated over the K prompt slots (V1 multimodal); 'none': text only."""
     visual_fusion: str = "all"
     """Which adapted layers add the visual prompt: 'all' (released code) or 'first' (paper's early fusion)."""
-    visual_width: int = 768
+    visual_width: Int = 768
     """Width of the V2 projector's ViT blocks (released 768)."""
-    visual_depth: int = 8
+    visual_depth: Int = 8
     """Number of ViT blocks in the V2 projector (released 8)."""
-    visual_heads: int = 16
+    visual_heads: Int = 16
     """Attention heads of those blocks (released 16)."""
-    visual_mlp_ratio: float = 4.0
+    visual_mlp_ratio: Float = 4.0
     """MLP width / block width (released 4.0)."""
     clip_model: str = "ViT-L-14-quickgelu"
     """open_clip architecture of the frozen image encoder (OpenAI's ViT-L/14 weights need QuickGELU)."""
@@ -127,17 +140,14 @@ class LlamaAdapterV2Config(AdapterConfig):
     text_only_image: str = "zeros"
     """Text-only samples: 'zeros' = the visual prompt of an all-zero image (released training);
     'none' = no visual prompt (the prompts alone)."""
-    caption_trains: tuple[str, ...] = ("projector", "prompts", "gates")
+    caption_trains: _Names = ("projector", "prompts", "gates")
     """Parameter groups trained on image-caption data (released pretrain phase)."""
-    instruction_trains: tuple[str, ...] = ("bias", "norms")
+    instruction_trains: _Names = ("bias", "norms")
     """Parameter groups trained on instruction data (released finetune phase: biases and norms)."""
 
     def __post_init__(self) -> None:
         for field in ("bias_linears", "scale_linears", "lora_linears", "caption_trains", "instruction_trains"):
-            value = getattr(self, field)
-            if isinstance(value, str):
-                raise ValueError(f"{self.method}: {field} must be a list, got the string {value!r}")
-            setattr(self, field, tuple(value))
+            setattr(self, field, tuple(_not_a_string(getattr(self, field), field)))
         for field in ("bias_linears", "scale_linears", "lora_linears"):
             _check_choices(field, getattr(self, field), _ALL_LINEARS)
         for field in ("caption_trains", "instruction_trains"):

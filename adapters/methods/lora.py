@@ -13,13 +13,16 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Annotated, Any
 
+import pydantic
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
 from mmadapter.adapters.methods.base import AdapterConfig, AdapterMethod, register_method
+from mmadapter.core.config import Float, Int
 
 #: model_type -> modules LoRA adapts when `target_modules` is None: the one table of defaults.
 DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
@@ -36,17 +39,25 @@ _NAMED_ADAPTER = re.compile(rf"\.(lora_(?:A|B))\.{ADAPTER_NAME}\.")
 _UNNAMED_ADAPTER = re.compile(r"\.(lora_(?:A|B))\.(weight|bias)$")
 
 
+def _module_names(value: Any) -> Any:
+    """A lone YAML name (`target_modules: q_proj`) is a string, not a list; an empty list would adapt nothing.
+    Checked before the list type, so a document gets this message too."""
+    if value is not None and (isinstance(value, str) or not value):
+        raise ValueError(f"lora: target_modules must be a non-empty list of names, got {value!r}")
+    return value
+
+
 @dataclasses.dataclass
 class LoraMethodConfig(AdapterConfig):
     method = "lora"
 
-    r: int = 8
+    r: Int = 8
     """Rank of the update B·A (8 in the ChatGLM-6B LoRA projects)."""
-    alpha: float = 32.0
+    alpha: Float = 32.0
     """The update is scaled by alpha / r (peft's `lora_alpha`; 32 as in those projects)."""
-    dropout: float = 0.1
+    dropout: Float = 0.1
     """Dropout on the LoRA branch's input during training (peft's `lora_dropout`)."""
-    target_modules: list[str] | None = None
+    target_modules: Annotated[list[str] | None, pydantic.BeforeValidator(_module_names)] = None
     """Module names to adapt; None takes the architecture's default from DEFAULT_TARGET_MODULES."""
 
     def __post_init__(self) -> None:
@@ -55,9 +66,7 @@ class LoraMethodConfig(AdapterConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora: dropout must be in [0, 1), got {self.dropout}")
         if self.target_modules is not None:
-            if isinstance(self.target_modules, str) or not self.target_modules:
-                raise ValueError(f"lora: target_modules must be a non-empty list of names, got {self.target_modules!r}")
-            self.target_modules = list(self.target_modules)
+            self.target_modules = list(_module_names(self.target_modules))
 
 
 def target_modules_for(model: nn.Module, config: LoraMethodConfig) -> list[str]:

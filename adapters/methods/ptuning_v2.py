@@ -17,6 +17,7 @@ from torch import nn
 from mmadapter.adapters.methods.base import AdapterConfig, AdapterMethod, register_method
 from mmadapter.adapters.methods.prefix_cache import attach_prefix_to_decoder
 from mmadapter.adapters.methods.prefix_encoder import PrefixEncoder
+from mmadapter.core.config import Bool, Float, Int
 
 #: Module name of the encoder; every trainable parameter of this method lives under it.
 ENCODER_NAME = "prefix_encoder"
@@ -26,13 +27,13 @@ ENCODER_NAME = "prefix_encoder"
 class PTuningV2Config(AdapterConfig):
     method = "ptuning-v2"
 
-    pre_seq_len: int = 128
+    pre_seq_len: Int = 128
     """P: prefix key/value slots per layer (128 in the official ADGEN recipe)."""
-    prefix_projection: bool = False
+    prefix_projection: Bool = False
     """Produce the prefix with a 2-layer tanh MLP (prefix tuning); False is P-Tuning v2 proper."""
-    prefix_hidden_size: int | None = None
+    prefix_hidden_size: Int | None = None
     """Width of that MLP's hidden layer; None = the model's hidden size, as official."""
-    prefix_dropout: float = 0.1
+    prefix_dropout: Float = 0.1
     """Dropout on the prefix in training (official 0.1)."""
 
     def __post_init__(self) -> None:
