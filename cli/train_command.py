@@ -34,6 +34,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--max-bad-fraction", type=float, metavar="F", help="with skip: stop above this fraction")
     train.add_argument("--list", action="store_true", help="list the built-in recipes and exit")
+    train.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the recipe JSON schema (for editor completion: # yaml-language-server: $schema=FILE) and exit",
+    )
     train.add_argument("--json", action="store_true", help="print the training summary as JSON")
     train.set_defaults(run=run_train)
 
@@ -64,8 +69,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     # Imported on use, not at the top: the command line starts without loading what other commands need.
-    from mmadapter.train.recipe import builtin_recipes, load_recipe
+    from mmadapter.train.recipe import builtin_recipes, load_recipe, recipe_schema
 
+    if args.schema:
+        print(json.dumps(recipe_schema(), indent=2))
+        return 0
     if args.list:
         for name, path in sorted(builtin_recipes().items()):
             print(f"{name:<32} {path}")

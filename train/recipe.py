@@ -138,10 +138,15 @@ class StageSection:
 @dataclasses.dataclass
 class Recipe:
     model: ModelSection
+    """The frozen base model."""
     adapter: AdapterSection
+    """The adapter method and its hyperparameters."""
     stages: list[StageSection]
+    """Training stages, run in order; each inherits the top-level train/data (default: one stage, `train`)."""
     output_dir: str = "runs/mmadapter"
+    """Run folder: checkpoints, logs and the final adapter."""
     name: str = "mmadapter"
+    """Run name (logs, training summary)."""
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
