@@ -15,7 +15,6 @@ import logging
 
 import pytest
 import torch
-from fake_hub import FakeHub
 from huggingface_hub import ModelCard, constants
 from safetensors.torch import load as load_safetensors
 
@@ -24,6 +23,7 @@ from mmadapter.adapters.io.hub import download_adapter, from_pretrained, plan_pu
 from mmadapter.adapters.io.model_card import LOSS_CURVE_FILE, TRAINING_SUMMARY_FILE
 from mmadapter.adapters.methods.base import adapter_state_dict, attach_adapter, make_config, trainable_parameters
 from mmadapter.cli.main import main
+from tests.helpers.fake_hub import FakeHub
 
 TOKEN = "hf_mmadapterTestSECRET0123456789abcdef"
 REPO = "yourname/tiny-llama-adapter-v1"

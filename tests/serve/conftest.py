@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_helpers import MODEL_NAME, open_gates, randomize_adapter
 
 from mmadapter.adapters import attach_adapter, make_config
 from mmadapter.serve.http_server import APIServer, ServerSettings
 from mmadapter.serve.loader import ServedModel
 from mmadapter.serve.sampling import SamplingParams
+from tests.helpers.perturb import perturb_adapter
+from tests.helpers.served_model import MODEL_NAME
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +27,7 @@ def one_torch_thread():
 def v1_model(tiny_llama):
     model = tiny_llama()
     attach_adapter(model, make_config("llama-adapter-v1", adapted_layers=2, prompt_length=3))
-    open_gates(model)
+    perturb_adapter(model)
     return model
 
 
@@ -43,7 +44,7 @@ def v2_model(tiny_llama):
         prompt_length=4,
     )
     attach_adapter(model, config)
-    randomize_adapter(model)
+    perturb_adapter(model)
     return model
 
 

@@ -169,8 +169,6 @@ def test_generation_does_not_leave_inference_mode_on(v1_model, tiny_tokenizer):
 @pytest.mark.parametrize("padded", [False, True])
 def test_ptuning_prefix_generation_equals_transformers_generate(tiny_llama, tiny_tokenizer, padded):
     """A deep prefix enters through the KV cache; the engine's fresh cache per request gets it once."""
-    from serve_helpers import randomize_adapter
-
     from mmadapter.adapters import attach_adapter, make_config
 
     model = tiny_llama()
@@ -178,7 +176,6 @@ def test_ptuning_prefix_generation_equals_transformers_generate(tiny_llama, tiny
     with torch.no_grad():
         for param in model.model.prefix_encoder.parameters():
             param.normal_()
-    randomize_adapter(model)
     engine = GenerationEngine(model, tiny_tokenizer)
     prompts = ["the red circle", "what colour is the small square"] if padded else ["the red circle"]
     encoded = [engine.encode(p) for p in prompts]

@@ -7,9 +7,7 @@ import sys
 
 import pytest
 import torch
-from fake_hub import FakeHub
 from huggingface_hub import constants
-from serve_helpers import randomize_adapter
 
 from mmadapter.adapters import attach_adapter, make_config, save_adapter
 from mmadapter.adapters.io.hub import push_to_hub
@@ -17,6 +15,8 @@ from mmadapter.cli.main import main
 from mmadapter.serve.generate import GenerationEngine
 from mmadapter.serve.loader import load_served_model
 from mmadapter.serve.sampling import SamplingParams
+from tests.helpers.fake_hub import FakeHub
+from tests.helpers.perturb import perturb_adapter
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
 
@@ -32,7 +32,7 @@ def base_folder(tiny_llama, tiny_tokenizer, tmp_path):
 def saved_adapter(tiny_llama, tmp_path, method: str, template: str | None = "alpaca", **options):
     model = tiny_llama()
     attach_adapter(model, make_config(method, **options))
-    randomize_adapter(model)
+    perturb_adapter(model)
     return model, save_adapter(model, tmp_path / f"{method}-adapter", prompt_template=template)
 
 

@@ -13,9 +13,9 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from serve_helpers import MODEL_NAME
 
 from mmadapter.serve.chat import ChatTurn, stream_turn, visual_inputs
+from tests.helpers.served_model import MODEL_NAME
 
 
 def client_for(server, api_key: str = "unused") -> openai.OpenAI:

@@ -20,9 +20,9 @@ import time
 
 import pytest
 import torch
-from serve_helpers import MODEL_NAME
 
 from mmadapter.serve.worker import GenerationWorker
+from tests.helpers.served_model import MODEL_NAME
 
 
 def _chat(content: str, **options) -> bytes:

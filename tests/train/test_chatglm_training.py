@@ -13,7 +13,7 @@ from mmadapter.train.data import BadSampleLog, load_samples
 from mmadapter.train.evaluate import generation_scores
 from mmadapter.train.loop import train
 from mmadapter.train.recipe import DataSection, DataSource, parse_recipe
-from tests.train.conftest import write_jsonl
+from tests.helpers.train_data import write_jsonl
 
 COLOURS = {"红色": "热情的红色", "蓝色": "清新的蓝色", "白色": "干净的白色"}
 CLOTHES = ("上衣", "裙子", "外套")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from mmadapter.adapters.io.checkpoint import read_adapter_config
 from mmadapter.cli.main import main
-from tests.train.conftest import alpaca_rows, write_json
+from tests.helpers.train_data import alpaca_rows, write_json
 
 
 @pytest.mark.slow

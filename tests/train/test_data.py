@@ -15,7 +15,7 @@ from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, load
 from mmadapter.train.readers import BadSample, read_examples
 from mmadapter.train.recipe import DataSection, DataSource
 from mmadapter.vision.images import load_image
-from tests.train.conftest import alpaca_rows, write_image, write_json, write_jsonl
+from tests.helpers.train_data import alpaca_rows, write_image, write_json, write_jsonl
 
 
 def split(items):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from mmadapter.train.loop import train
 from mmadapter.train.recipe import parse_recipe
-from tests.train.conftest import COLOURS, alpaca_rows, write_image, write_json, write_jsonl
+from tests.helpers.train_data import COLOURS, alpaca_rows, write_image, write_json, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,8 @@ from mmadapter.train.loss import TokenLoss
 from mmadapter.train.recipe import DataSection, DataSource, load_recipe
 from mmadapter.train.setup import plain_accelerator
 from mmadapter.train.step import BackwardPerKind, accumulate_gradients
-from tests.train.conftest import COLOURS, TINY_ADAPTERS, alpaca_rows, write_image, write_json, write_jsonl
+from tests.helpers.tiny_recipe import TINY_ADAPTERS
+from tests.helpers.train_data import COLOURS, alpaca_rows, write_image, write_json, write_jsonl
 
 #: Learning rates at which each method visibly learns the tiny task in 8 steps.
 LEARNING_RATES = {"llama-adapter-v1": 0.3, "llama-adapter-v2": 0.05, "lora": 0.05, "ptuning-v2": 0.2}

@@ -20,7 +20,7 @@ from mmadapter.train.chatglm_data import (
     build_training_example,
 )
 
-# Characters the tiny sentencepiece model of tests/chatglm_fixtures.py knows, with a newline and a space.
+# Characters the tiny sentencepiece model of tests/helpers/tiny_chatglm.py knows, with a newline and a space.
 PROMPT, ANSWER = "介绍下贵州和清华大学", "今天天气很好。\n我们一起学习 机器学习"
 
 

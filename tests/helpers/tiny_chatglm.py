@@ -1,10 +1,10 @@
-"""ChatGLM-6B fixtures for every test folder (a plugin of tests/conftest.py): a tiny random model with the real special-token ids, and a tiny
-sentencepiece model trained here whose special pieces sit at the real ids (130000-130007)."""
+"""A tiny random ChatGLM-6B with the real special-token ids, and a tiny sentencepiece model trained here whose
+special pieces sit at the real ids (130000-130007)."""
 
 from __future__ import annotations
 
-import pytest
-import sentencepiece as spm
+from pathlib import Path
+
 import torch
 
 from mmadapter.adapters.backbones.presets import base_config, build_base_model
@@ -21,35 +21,30 @@ CORPUS = [
 SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
 
 
-@pytest.fixture
-def tiny_glm():
-    """Factory: the `tiny-chatglm` preset (3 layers, hidden 64, 4 heads, 130528-row vocab) with every
-    parameter random (LayerNorm weights and biases included), in eval mode, frozen."""
-
-    def build(seed: int = 0, attn: str = "eager", dtype: torch.dtype | None = None):
-        torch.manual_seed(seed)
-        model = build_base_model(base_config("tiny-chatglm"))
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "layernorm" in name and name.endswith("weight"):
-                    param.copy_(1 + 0.2 * torch.randn_like(param))
-                elif name.endswith("bias"):
-                    param.copy_(0.1 * torch.randn_like(param))
-                else:
-                    param.normal_(0, 0.15)
-        model.set_attn_implementation(attn)
-        if dtype is not None:
-            model.to(dtype)
-        return model.requires_grad_(False).eval()
-
-    return build
+def build_tiny_glm(seed: int = 0, attn: str = "eager", dtype: torch.dtype | None = None):
+    """The `tiny-chatglm` preset (3 layers, hidden 64, 4 heads, 130528-row vocab) with every parameter random
+    (LayerNorm weights and biases included), in eval mode, frozen."""
+    torch.manual_seed(seed)
+    model = build_base_model(base_config("tiny-chatglm"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0, 0.15)
+    model.set_attn_implementation(attn)
+    if dtype is not None:
+        model.to(dtype)
+    return model.requires_grad_(False).eval()
 
 
-@pytest.fixture(scope="session")
-def glm_vocab_file(tmp_path_factory):
+def train_glm_vocab(folder: Path) -> Path:
     """`ice_text.model` stand-in: fillers up to id 129999, then the special pieces at their real ids, then
     `<n>`, `<|tab|>`, `<|blank_2..80|>` and ~300 learned pieces (ids below the 130528 embedding rows)."""
-    folder = tmp_path_factory.mktemp("ice_text")
+    import sentencepiece as spm
+
     fillers = [f"<|filler_{i}|>" for i in range(4, 130000)]
     layout = ["<n>", "<|tab|>"] + [f"<|blank_{k}|>" for k in range(2, 81)]
     spm.SentencePieceTrainer.train(
@@ -70,10 +65,3 @@ def glm_vocab_file(tmp_path_factory):
         minloglevel=2,
     )
     return folder / "ice_text.model"
-
-
-@pytest.fixture(scope="session")
-def glm_tokenizer(glm_vocab_file):
-    from mmadapter.adapters.backbones.chatglm import ChatGLMTokenizer
-
-    return ChatGLMTokenizer(str(glm_vocab_file))
