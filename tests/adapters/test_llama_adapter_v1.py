@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -17,31 +15,15 @@ from mmadapter.adapters import (
     save_adapter,
     trainable_parameters,
 )
-
-IDS = torch.tensor([[5, 17, 42, 9, 100, 3, 77, 12], [8, 8, 61, 200, 4, 33, 19, 250]])
-
-
-def left_padded(ids: torch.Tensor, pad: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row 0 keeps all tokens; row 1 is left-padded by `pad` positions."""
-    ids = ids.clone()
-    mask = torch.ones_like(ids)
-    ids[1, :pad] = 0
-    mask[1, :pad] = 0
-    return ids, mask
+from tests.helpers.llama_reference import hf_llama_logits
+from tests.helpers.perturb import perturb_adapter
+from tests.helpers.tiny_llama import IDS, left_padded
 
 
 def attach_v1(model, layers=2, length=3, gate_tanh=True):
     return attach_adapter(
         model, make_config("llama-adapter-v1", adapted_layers=layers, prompt_length=length, gate_tanh=gate_tanh)
     )
-
-
-def set_gates(model, seed=1, scale=0.8):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in trainable_parameters(model).items():
-            if name.endswith("adapter_gate"):
-                param.copy_(scale * torch.randn(param.shape, generator=generator))
 
 
 def greedy_without_cache(model, ids, mask, steps):
@@ -57,7 +39,7 @@ def greedy_without_cache(model, ids, mask, steps):
 @pytest.mark.parametrize("gqa", [False, True])
 def test_zero_init_gives_base_logits_and_generations_exactly(tiny_llama, attn, gqa):
     model = tiny_llama(gqa=gqa, attn=attn)
-    ids, mask = left_padded(IDS)
+    ids, mask = left_padded()
     with torch.no_grad():
         base_logits = model(ids, attention_mask=mask).logits
         base_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -71,7 +53,7 @@ def test_zero_init_gives_base_logits_and_generations_exactly(tiny_llama, attn, g
 
 def test_zero_init_exact_in_bfloat16(tiny_llama):
     model = tiny_llama(dtype=torch.bfloat16)
-    ids, mask = left_padded(IDS)
+    ids, mask = left_padded()
     with torch.no_grad():
         base = model(ids, attention_mask=mask).logits
         attach_v1(model)
@@ -85,8 +67,8 @@ def test_zero_init_exact_in_bfloat16(tiny_llama):
 def test_cached_generation_equals_uncached_with_open_gates(tiny_llama, attn):
     model = tiny_llama(gqa=True, attn=attn)
     attach_v1(model, layers=3)
-    set_gates(model)
-    ids, mask = left_padded(IDS)
+    perturb_adapter(model)
+    ids, mask = left_padded()
     with torch.no_grad():
         expected = greedy_without_cache(model, ids, mask, steps=6)
         cached = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -98,71 +80,9 @@ def test_open_gates_change_the_output(tiny_llama):
     with torch.no_grad():
         base = model(IDS).logits
     attach_v1(model)
-    set_gates(model)
+    perturb_adapter(model)
     with torch.no_grad():
         assert (model(IDS).logits - base).abs().max() > 1e-3
-
-
-# --- an independent reference forward, written out plainly -------------------------------------
-
-
-def rms_norm(x, weight, eps):
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def rotate(x, positions, theta):
-    """HF-layout rotary embedding: the two halves of each head are the (real, imaginary) parts."""
-    half = x.shape[-1] // 2
-    freqs = 1.0 / theta ** (torch.arange(half, dtype=torch.float32) / half)
-    angles = positions[:, None].float() * freqs[None, :]  # (T, d/2)
-    cos, sin = angles.cos(), angles.sin()
-    first, second = x[..., :half], x[..., half:]
-    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
-
-
-def reference_forward(model, ids, prompts, gates, gate_tanh):
-    """LLaMA + LLaMA-Adapter V1 from the paper/spec, using only the model's weight tensors.
-
-    `prompts`/`gates` map layer index -> (K, D) prompt and (H,) gate for adapted layers.
-    """
-    cfg = model.config
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = cfg.hidden_size // heads
-    T = ids.shape[1]
-    positions = torch.arange(T)
-    h = model.model.embed_tokens.weight[ids]
-    causal = torch.full((T, T), float("-inf")).triu(1)
-    for index, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        x = rms_norm(h, layer.input_layernorm.weight, cfg.rms_norm_eps)
-        q = (x @ attn.q_proj.weight.T).view(*x.shape[:2], heads, d).transpose(1, 2)
-        k = (x @ attn.k_proj.weight.T).view(*x.shape[:2], kv_heads, d).transpose(1, 2)
-        v = (x @ attn.v_proj.weight.T).view(*x.shape[:2], kv_heads, d).transpose(1, 2)
-        q, k = (
-            rotate(q, positions, cfg.rope_parameters["rope_theta"]),
-            rotate(k, positions, cfg.rope_parameters["rope_theta"]),
-        )
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
-        v = v.repeat_interleave(heads // kv_heads, dim=1)
-        out = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + causal, dim=-1) @ v
-        if index in prompts:
-            prompt = prompts[index]
-            kp = (prompt @ attn.k_proj.weight.T).view(-1, kv_heads, d).transpose(0, 1)  # no RoPE
-            vp = (prompt @ attn.v_proj.weight.T).view(-1, kv_heads, d).transpose(0, 1)
-            kp = kp.repeat_interleave(heads // kv_heads, dim=0)
-            vp = vp.repeat_interleave(heads // kv_heads, dim=0)
-            prompt_probs = torch.softmax(q @ kp.transpose(-1, -2) / math.sqrt(d), dim=-1)  # its own softmax
-            gate = gates[index].tanh() if gate_tanh else gates[index]
-            out = out + gate.view(1, heads, 1, 1) * (prompt_probs @ vp)
-        h = h + out.transpose(1, 2).reshape(*x.shape) @ attn.o_proj.weight.T
-        x = rms_norm(h, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
-        mlp = layer.mlp
-        h = (
-            h
-            + (torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T))
-            @ mlp.down_proj.weight.T
-        )
-    return rms_norm(h, model.model.norm.weight, cfg.rms_norm_eps) @ model.lm_head.weight.T
 
 
 @pytest.mark.parametrize("gqa", [False, True])
@@ -170,15 +90,15 @@ def reference_forward(model, ids, prompts, gates, gate_tanh):
 def test_adapter_forward_matches_reference(tiny_llama, gqa, gate_tanh):
     model = tiny_llama(gqa=gqa, attn="eager")
     attach_v1(model, layers=2, length=4, gate_tanh=gate_tanh)
-    set_gates(model)
+    perturb_adapter(model)
     layers = model.model.layers
     prompts = {i: layers[i].self_attn.adapter_prompt.detach() for i in (2, 3)}
     gates = {i: layers[i].self_attn.adapter_gate.detach() for i in (2, 3)}
     with torch.no_grad():
-        expected = reference_forward(model, IDS, prompts, gates, gate_tanh)
+        expected = hf_llama_logits(model, IDS, prompts=prompts, gates=gates, gate_tanh=gate_tanh)
         actual = model(IDS).logits
     assert (prompts[2] != 0).any() and (gates[2] != 0).any()
-    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(actual.double(), expected, atol=1e-4, rtol=1e-4)  # float32 vs the float64 reference
 
 
 def test_prompt_keys_values_are_computed_once_per_generation(tiny_llama):
@@ -225,7 +145,7 @@ def test_weight_decay_groups_follow_the_official_rule(tiny_llama):
 
 def test_save_load_round_trip_and_saves_only_the_adapter(tiny_llama, tmp_path):
     model = attach_v1(tiny_llama(gqa=True))
-    set_gates(model)
+    perturb_adapter(model)
     save_adapter(model, tmp_path / "adapter", prompt_template="alpaca")
     from safetensors.torch import load_file
 

@@ -6,20 +6,14 @@ import copy
 
 import pytest
 import torch
-from llama_v2_helpers import (
-    ALL_LINEARS,
-    EVERYTHING,
-    META_NAMES,
-    left_padded,
-    pixels,
-    randomize_adapter,
-    tiny_v2_config,
-)
-from llama_v2_reference import Terms, clip_tokens, hf_to_reference_weights, llama_logits, official_projector
 
 from mmadapter.adapters import attach_adapter, make_config, mark_trainable, trainable_parameters
 from mmadapter.adapters.methods.bias_scale import LINEAR_PATHS
 from mmadapter.adapters.methods.llama_adapter_v2 import STAGES, parameter_group, visual_prompt
+from tests.helpers.llama_reference import Terms, clip_tokens, hf_llama_logits, official_projector
+from tests.helpers.llama_v2_setup import ALL_LINEARS, EVERYTHING, META_NAMES, pixels, tiny_v2_config
+from tests.helpers.perturb import perturb_adapter
+from tests.helpers.tiny_llama import left_padded
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -72,7 +66,7 @@ def test_forward_matches_a_plain_reference(tiny_llama, gqa, scale_side, fusion, 
     model = tiny_llama(gqa=gqa, attn=attn)
     config = tiny_v2_config(**EVERYTHING, scale_side=scale_side, visual_fusion=fusion, first_adapted_layer=1)
     attach_adapter(model, config)
-    randomize_adapter(model)
+    perturb_adapter(model)
     ids, mask = left_padded()
     images = pixels()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -84,13 +78,11 @@ def test_forward_matches_a_plain_reference(tiny_llama, gqa, scale_side, fusion, 
     reference_prompt = official_projector(model.visual_projector.state_dict(), features, num_heads=4)
     torch.testing.assert_close(prompt.double(), reference_prompt, atol=1e-5, rtol=1e-5)
     layers = model.model.layers
-    reference = llama_logits(
-        hf_to_reference_weights(model),
+    # The reference reads the head counts from the config: check they are the ones this case is about.
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 2 if gqa else 4)
+    reference = hf_llama_logits(
+        model,
         ids,
-        n_heads=4,
-        n_kv_heads=2 if gqa else 4,
-        eps=model.config.rms_norm_eps,
-        layout="half",
         terms=reference_terms(model, scale_side),
         prompts={n: layers[n].self_attn.adapter_prompt.detach() for n in range(1, 4)},
         gates={n: layers[n].self_attn.adapter_gate.detach() for n in range(1, 4)},
@@ -121,7 +113,7 @@ def test_each_stage_gets_gradients_only_for_its_parameters(tiny_llama, preset):
     model = tiny_llama()
     config = tiny_v2_config(preset)
     attach_adapter(model, config)
-    randomize_adapter(model)  # non-zero gates, so gradients reach prompts and projector
+    perturb_adapter(model)  # non-zero gates, so gradients reach prompts and projector
     ids, mask = left_padded()
     for stage in STAGES:
         selected = mark_trainable(model, stage)
@@ -144,7 +136,7 @@ def test_mixed_batches_update_each_stage_only_from_its_own_data(tiny_llama):
     """The training loop's recipe: one union-trainable model, backward(inputs=stage parameters) per data type."""
     model = tiny_llama()
     attach_adapter(model, tiny_v2_config("paper"))
-    randomize_adapter(model)
+    perturb_adapter(model)
     mark_trainable(model, None)
     caption = trainable_parameters(model, "caption")
     instruction = trainable_parameters(model, "instruction")
@@ -172,7 +164,7 @@ def test_mixed_batches_update_each_stage_only_from_its_own_data(tiny_llama):
 def test_text_only_samples_without_visual_prompt(tiny_llama):
     model = tiny_llama()
     attach_adapter(model, tiny_v2_config(text_only_image="none"))
-    randomize_adapter(model)
+    perturb_adapter(model)
     ids, mask = left_padded()
     with torch.no_grad():
         assert visual_prompt(model) is None
@@ -188,7 +180,7 @@ def test_text_only_samples_without_visual_prompt(tiny_llama):
 def test_text_only_samples_see_the_zero_image_as_released(tiny_llama):
     model = tiny_llama()
     attach_adapter(model, tiny_v2_config())  # defaults: text_only_image="zeros"
-    randomize_adapter(model)
+    perturb_adapter(model)
     images = pixels()
     with torch.no_grad():
         zero_image = visual_prompt(model, torch.zeros(1, 3, 32, 32))

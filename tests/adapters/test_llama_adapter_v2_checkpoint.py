@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from llama_v2_helpers import EVERYTHING, left_padded, pixels, randomize_adapter, tiny_v2_config
 from safetensors import safe_open
 
 from mmadapter.adapters import attach_adapter, load_adapter, make_config, save_adapter, trainable_parameters
@@ -16,13 +15,16 @@ from mmadapter.adapters.io.checkpoint import WEIGHTS_FILE
 from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompt
 from mmadapter.cli.main import main
 from mmadapter.vision import FrozenCLIPEncoder
+from tests.helpers.llama_v2_setup import EVERYTHING, pixels, tiny_v2_config
+from tests.helpers.perturb import perturb_adapter
+from tests.helpers.tiny_llama import left_padded
 
 
 def test_save_and_load_round_trip_with_the_vision_side(tiny_llama, tmp_path):
     clip_dir = FrozenCLIPEncoder("mmadapter-tiny-vit", seed=7).save(tmp_path / "clip")
     model = tiny_llama()
     attach_adapter(model, tiny_v2_config(**EVERYTHING, clip_pretrained=str(clip_dir)))
-    randomize_adapter(model)
+    perturb_adapter(model)
     ids, mask = left_padded()
     with torch.no_grad():
         expected = model(ids, attention_mask=mask, adapter_visual_prompt=visual_prompt(model, pixels())).logits

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llama_v2_helpers import EVERYTHING, left_padded, pixels, randomize_adapter, tiny_v2_config
 
 from mmadapter.adapters import attach_adapter, get_method, make_config
 from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompt
+from tests.helpers.llama_v2_setup import EVERYTHING, pixels, tiny_v2_config
+from tests.helpers.perturb import perturb_adapter
+from tests.helpers.tiny_llama import left_padded
 
 
 def snapshot(model):
@@ -19,7 +21,7 @@ def test_merged_logits_match_and_unmerge_restores_weights_bit_for_bit(tiny_llama
     model = tiny_llama()
     config = tiny_v2_config(**EVERYTHING, scale_side=scale_side)
     attach_adapter(model, config)
-    randomize_adapter(model)
+    perturb_adapter(model)
     method = get_method(config.method)
     ids, mask = left_padded()
     before = snapshot(model)
@@ -47,7 +49,7 @@ def test_merge_without_originals_cannot_unmerge(tiny_llama):
     model = tiny_llama()
     config = tiny_v2_config(bias_linears=["q"], scale_linears=["q"], instruction_trains=["bias", "scale", "norms"])
     attach_adapter(model, config)
-    randomize_adapter(model)
+    perturb_adapter(model)
     method = get_method(config.method)
     ids, mask = left_padded()
     with torch.no_grad():
@@ -62,7 +64,7 @@ def test_merged_chat65b_generation_equals_unmerged(tiny_llama):
     model = tiny_llama()
     config = make_config("llama-adapter-v2", "chat65b")
     attach_adapter(model, config)
-    randomize_adapter(model)
+    perturb_adapter(model)
     assert not any(hasattr(layer.self_attn, "adapter_prompt") for layer in model.model.layers)
     ids, mask = left_padded()
     generate = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}

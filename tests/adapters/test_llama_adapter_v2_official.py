@@ -14,13 +14,13 @@ import json
 
 import pytest
 import torch
-from llama_v2_reference import Terms, clip_tokens, llama_logits, official_projector
 
 from mmadapter.adapters import load_adapter, load_base_model
 from mmadapter.adapters.io.official_v2 import load_official_v2
 from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompt
 from mmadapter.cli.main import main
 from mmadapter.vision import FrozenCLIPEncoder
+from tests.helpers.llama_reference import Terms, clip_tokens, llama_logits, official_projector
 
 DIM, LAYERS, HEADS, FFN, VOCAB = 64, 4, 4, 192, 256
 K, ADAPTED, WIDTH, BLOCKS, RANK = 3, 3, 32, 2, 4

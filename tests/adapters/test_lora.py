@@ -19,17 +19,10 @@ from mmadapter.adapters import (
 )
 from mmadapter.adapters.methods.lora import DEFAULT_TARGET_MODULES, Lora
 from mmadapter.cli.main import main
+from tests.helpers.perturb import perturb_adapter
 
 IDS = torch.tensor([[5, 17, 42, 9, 100, 3, 77, 12], [0, 0, 61, 200, 4, 33, 19, 250]])
 MASK = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
-
-
-def randomize_lora(model, seed=1, scale=0.5):
-    """Non-zero B (and new A) so the adapter changes the output; zero-init would hide key mix-ups."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in trainable_parameters(model).values():
-            param.copy_(scale * torch.randn(param.shape, generator=generator))
 
 
 def lora_llama(tiny_llama, gqa=False, dtype=None, **overrides):
@@ -98,7 +91,7 @@ def test_saved_folder_uses_peft_names_and_peft_loads_it(tiny_llama, tmp_path):
     from peft import PeftModel
 
     model = lora_llama(tiny_llama)
-    randomize_lora(model)
+    perturb_adapter(model)
     ours = model(IDS, attention_mask=MASK).logits
     save_adapter(model, tmp_path / "lora")
 
@@ -122,7 +115,7 @@ def test_saved_folder_uses_peft_names_and_peft_loads_it(tiny_llama, tmp_path):
 
 def test_merge_equals_unmerged_and_unmerge_restores_the_base(tiny_llama):
     model = lora_llama(tiny_llama)
-    randomize_lora(model, scale=0.3)
+    perturb_adapter(model)
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     unmerged = model(IDS, attention_mask=MASK).logits
     Lora.merge(model, model.adapter_config)
@@ -173,7 +166,7 @@ def test_peft_loads_our_chatglm_lora_folder(chatglm_base, tmp_path):
     from peft import PeftModel
 
     model = attach_adapter(copy.deepcopy(chatglm_base), make_config("lora", preset="chatglm-all-linear"))
-    randomize_lora(model, scale=0.2)
+    perturb_adapter(model)
     model.eval()
     with torch.no_grad():
         ours = model(GLM_IDS).logits

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -22,6 +21,8 @@ from mmadapter.adapters.io.official_ptuning import export_official_ptuning, load
 from mmadapter.adapters.methods.prefix_encoder import PrefixEncoder
 from mmadapter.adapters.methods.ptuning_v2 import prefix_encoder_of
 from mmadapter.cli.main import main
+from tests.helpers.chatglm_reference import PAD, batch_mask_and_positions, reference_logits
+from tests.helpers.prefix_table import prefix_key_values
 
 IDS = torch.tensor([[5, 17, 42, 9, 100, 3, 77, 12], [0, 0, 61, 200, 4, 33, 19, 250]])
 MASK = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
@@ -33,26 +34,18 @@ def ptuning_llama(tiny_llama, gqa=False, **overrides):
     return attach_adapter(model, make_config("ptuning-v2", **{"pre_seq_len": P, **overrides}))
 
 
-def hand_prefix_cache(table: torch.Tensor, layers: int, heads: int, head_dim: int, batch: int) -> DynamicCache:
-    """The official flattening read by hand: row p, chunk 2l = layer l's key, 2l+1 its value, head-major."""
-    width = heads * head_dim
-    pairs = []
-    for layer in range(layers):
-        key = table[:, 2 * layer * width : (2 * layer + 1) * width].reshape(-1, heads, head_dim)
-        value = table[:, (2 * layer + 1) * width : (2 * layer + 2) * width].reshape(-1, heads, head_dim)
-        pairs.append(tuple(t.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1) for t in (key, value)))
-    return DynamicCache(pairs)
+def hand_prefix_cache(table: torch.Tensor, layers: int, heads: int, batch: int) -> DynamicCache:
+    """The prefix table read by hand, as the base model's key/value cache."""
+    return DynamicCache([tuple(key_value) for key_value in prefix_key_values(table, layers, heads, batch)])
 
 
 def reference_inputs(model, base_model, mask):
     """Explicit P+T mask and unshifted positions (0 at each row's first real token), as official ChatGLM."""
     config = base_model.config
-    heads = config.num_key_value_heads
     cache = hand_prefix_cache(
         prefix_encoder_of(model).embedding.weight.detach(),
         config.num_hidden_layers,
-        heads,
-        config.hidden_size // config.num_attention_heads,
+        config.num_key_value_heads,
         mask.shape[0],
     )
     full_mask = torch.cat([torch.ones(mask.shape[0], P, dtype=mask.dtype), mask], dim=1)
@@ -301,51 +294,12 @@ def ptuning_chatglm(base, **overrides):
 
 
 def chatglm_reference_logits(model, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """ChatGLM-6B written plainly from the spec (§2.3-2.7) for unpadded rows, the prefix (§5.2-5.3) concatenated
-    by hand: keys/values of layer l are table chunks 2l and 2l+1, without rotary, visible to every query."""
-    config, glm = model.config, model.transformer
-    batch, length = ids.shape
-    heads, hidden = config.num_attention_heads, config.hidden_size
-    dim, alpha = hidden // heads, math.sqrt(2 * config.num_layers)
-    rows = [row.tolist() for row in ids]
-    context = [row.index(config.bos_token_id) for row in rows]
-    gmask = [row.index(config.gmask_token_id) for row in rows]
-    position = torch.tensor([[i if i < c else g for i in range(length)] for c, g in zip(context, gmask, strict=True)])
-    block = torch.tensor([[0 if i < c else i - c + 1 for i in range(length)] for c in context])
-    visible = torch.tensor([[[j <= i or j < c for j in range(length)] for i in range(length)] for c in context])
-    visible = torch.cat([torch.ones(batch, length, P, dtype=torch.bool), visible], dim=-1)
-    inv_freq = (1.0 / 10000 ** (torch.arange(0, dim // 2, 2).float() / (dim // 2))).half().float()
-
-    def rotate(x, positions):  # x: [b, s, heads, dim/2], rotate-half convention
-        angles = positions[..., None].float() * inv_freq
-        angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
-        first, second = x.chunk(2, dim=-1)
-        return x * angles.cos() + torch.cat([-second, first], dim=-1) * angles.sin()
-
-    def layer_norm(x, norm):
-        return torch.nn.functional.layer_norm(x, (hidden,), norm.weight, norm.bias, norm.eps)
-
-    width = heads * dim
-    x = glm.word_embeddings.weight[ids]
-    for index, block_module in enumerate(glm.layers):
-        attention = block_module.attention
-        u = layer_norm(x, block_module.input_layernorm)
-        qkv = attention.query_key_value(u).view(batch, length, heads, 3 * dim)
-        q, k, v = qkv[..., :dim], qkv[..., dim : 2 * dim], qkv[..., 2 * dim :]
-        q = torch.cat([rotate(q[..., : dim // 2], position), rotate(q[..., dim // 2 :], block)], dim=-1)
-        k = torch.cat([rotate(k[..., : dim // 2], position), rotate(k[..., dim // 2 :], block)], dim=-1)
-        prefix_k = table[:, 2 * index * width : (2 * index + 1) * width].reshape(P, heads, dim)
-        prefix_v = table[:, (2 * index + 1) * width : (2 * index + 2) * width].reshape(P, heads, dim)
-        k = torch.cat([prefix_k.expand(batch, -1, -1, -1), k], dim=1)
-        v = torch.cat([prefix_v.expand(batch, -1, -1, -1), v], dim=1)
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dim)
-        probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
-        context_vectors = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, hidden)
-        y = alpha * u + attention.dense(context_vectors)
-        w = layer_norm(y, block_module.post_attention_layernorm)
-        mlp = block_module.mlp
-        x = alpha * w + mlp.dense_4h_to_h(torch.nn.functional.gelu(mlp.dense_h_to_4h(w), approximate="tanh"))
-    return layer_norm(x, glm.final_layernorm) @ glm.word_embeddings.weight.T
+    """The plain ChatGLM-6B reference on unpadded rows, the prefix table (§5.2-5.3) read by hand."""
+    config = model.config
+    layers, heads = config.num_layers, config.num_attention_heads
+    _, blocked, positions = batch_mask_and_positions([row.tolist() for row in ids], PAD)
+    prefix = prefix_key_values(table.detach(), layers, heads, len(ids))
+    return reference_logits(model.state_dict(), layers, heads, ids, blocked, positions, prefix=prefix)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

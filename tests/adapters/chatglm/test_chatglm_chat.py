@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from chatglm_reference import EOP
 
 from mmadapter.adapters.backbones.chatglm import process_response
 from mmadapter.adapters.backbones.chatglm.chat import InvalidScoreLogitsProcessor, decode_reply
+from tests.helpers.chatglm_reference import EOP
 
 HISTORY = [("你好", "你好！"), ("今天天气", "很好。")]
 ROUND_PROMPT = "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：今天天气\n答：很好。\n[Round 2]\n问：学习\n答："

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from chatglm_reference import GMASK, SOP
 
 from mmadapter.adapters import load_base_model, load_tokenizer
 from mmadapter.adapters.backbones.chatglm import ChatGLMForConditionalGeneration
 from mmadapter.adapters.backbones.loading import read_base_config
+from tests.helpers.chatglm_reference import GMASK, SOP
 
 PROMPT = torch.tensor([[5, 11, 12, 13, GMASK, SOP, 21]])
 

@@ -1,10 +1,13 @@
-"""ChatGLM-6B forward, cache, padding, dtypes and generate() against the plain reference in chatglm_reference.py."""
+"""ChatGLM-6B forward, cache, padding, dtypes and generate() against the plain reference in tests.helpers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from chatglm_reference import (
+
+from mmadapter.adapters.backbones.chatglm import glm_blocked_mask, glm_position_ids
+from mmadapter.adapters.backbones.presets import base_config, build_base_model
+from tests.helpers.chatglm_reference import (
     EOP,
     GMASK,
     MASK,
@@ -14,9 +17,6 @@ from chatglm_reference import (
     official_mask_and_positions,
     reference_logits,
 )
-
-from mmadapter.adapters.backbones.chatglm import glm_blocked_mask, glm_position_ids
-from mmadapter.adapters.backbones.presets import base_config, build_base_model
 
 IDS = {"bos_token_id": SOP, "gmask_token_id": GMASK, "mask_token_id": MASK}
 # Two prompts (ending [gMASK] <sop>) followed by a few answer tokens.

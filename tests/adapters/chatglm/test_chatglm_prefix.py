@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from chatglm_reference import GMASK, PAD, SOP, batch_mask_and_positions, reference_logits
 from torch import nn
 
 from mmadapter.adapters.backbones.chatglm import glm_position_ids
+from tests.helpers.chatglm_reference import GMASK, PAD, SOP, batch_mask_and_positions, reference_logits
 
 ROWS = [[5, 11, 12, 13, GMASK, SOP, 21, 22], [5, 31, GMASK, SOP, 41]]
 LAYERS, HEADS, HEAD_DIM, PREFIX = 3, 4, 16, 5

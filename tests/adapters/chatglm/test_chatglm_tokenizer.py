@@ -1,4 +1,4 @@
-"""ChatGLM-6B's tokenizer on a sentencepiece model trained in tests/chatglm_fixtures.py (special pieces at the real ids)."""
+"""ChatGLM-6B's tokenizer on a sentencepiece model trained in tests.helpers (special pieces at the real ids)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from chatglm_reference import EOP, GMASK, MASK, PAD, SOP
 
 from mmadapter.adapters import load_tokenizer
 from mmadapter.adapters.backbones.chatglm import ChatGLMTokenizer
 from mmadapter.adapters.backbones.chatglm.tokenizer import decode_whitespace, encode_whitespace
+from tests.helpers.chatglm_reference import EOP, GMASK, MASK, PAD, SOP
 
 TEXTS = [
     "你好，世界！\n今天天气很好。\t我们一起学习  机器学习   和自然语言处理。",

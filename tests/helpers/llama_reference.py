@@ -1,9 +1,11 @@
-"""Plain float64 reference computations for LLaMA-Adapter V2 tests, written from the spec.
+"""The one plain LLaMA forward of the tests, float64, with the LLaMA-Adapter math written from the papers and
+the official code (spec llama-adapter.md §1.3, §3.2-§3.4).
 
-Nothing here imports mmadapter: the LLaMA forward, the gated prompt branch, bias/scale/LoRA on
-the linears, RoPE in Meta's interleaved or HF's half-split layout, the official visual projector
-(clip_proj -> LN -> [query; tokens] -> ViT blocks -> first K -> visual_proj -> LN) and CLIP's
-all-token features are spelled out with torch primitives (spec llama-adapter.md §1.3, §3.2-§3.4).
+Nothing here imports mmadapter: the LLaMA forward, V1's gated prompts (their own softmax, no RoPE, tanh or raw
+gates), V2's bias/scale/LoRA on the linears and visual prompt added to the prompts of fused layers, RoPE in
+Meta's interleaved or HF's half-split layout, the official visual projector (clip_proj -> LN -> [query; tokens]
+-> ViT blocks -> first K -> visual_proj -> LN) and CLIP's all-token features are spelled out with torch
+primitives. `llama_logits` reads Meta-named tensors (official files); `hf_llama_logits` reads a transformers model.
 """
 
 from __future__ import annotations
@@ -153,6 +155,22 @@ def hf_to_reference_weights(model):
             module = layer.get_submodule(hf)
             w[f"layers.{n}.{meta}.weight"] = getattr(module, "base_layer", module).weight
     return {k: v.detach() for k, v in w.items()}
+
+
+def hf_llama_logits(model, tokens, **adapter):
+    """`llama_logits` on a transformers LlamaForCausalLM: its frozen weights, and the shape, norm epsilon and RoPE
+    base from its config (HF's half-split layout); `adapter` holds the adapter terms and the attention mask."""
+    config = model.config
+    return llama_logits(
+        hf_to_reference_weights(model),
+        tokens,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=config.num_key_value_heads,
+        eps=config.rms_norm_eps,
+        theta=config.rope_parameters["rope_theta"],
+        layout="half",
+        **adapter,
+    )
 
 
 def clip_tokens(visual, pixels):

@@ -1,11 +1,12 @@
-"""An independent, plainly written ChatGLM-6B forward (spec §2), sequence-first like the official code.
+"""The one plain ChatGLM-6B forward of the tests (spec §2), sequence-first like the official code.
 
 It reads a state dict with the released key names and re-derives everything from the spec: the official
 `get_masks` / `get_position_ids` on Python lists (model path, or tokenizer path = computed on the unpadded
 row then left-padded), fp16-rounded rotary frequencies with a position table gathered per token, the per-head
 interleaved QKV split, q/(sqrt(d)·(i+1)) → masked_fill(-10000) → fp32 ×(i+1) softmax, the alpha residual on
-the normalised input, the explicit tanh-GELU formula, and the head tied to the word embeddings. A prefix
-`[L, 2, b, heads, P, d]` is concatenated in front of each layer's keys/values by hand.
+the normalised input, the explicit tanh-GELU formula, and the head tied to the word embeddings. A P-Tuning v2
+prefix `[L, 2, b, heads, P, d]` (spec §5.2-5.3) is concatenated in front of each layer's keys/values by hand:
+no rotary on it, visible to every query, positions unshifted.
 """
 
 from __future__ import annotations
