@@ -85,25 +85,30 @@ _EXPECTED = {
 
 def _message(cls: type, detail: ErrorDetails, prefix: str, key_name: str) -> str:
     """One pydantic error in the project's words: `key.path: expected …, got …`."""
-    loc, kind, got = detail["loc"], detail["type"], f", got {describe(detail['input'])}"
-    if kind == "value_error":  # raised by the config class itself, naming its field
+    if detail["type"] == "value_error":  # raised by the config class itself, naming its field
         return str(detail["ctx"]["error"])
-    short_tuple = kind == "missing" and bool(loc) and isinstance(loc[-1], int)
-    if short_tuple:  # the position of a missing item: the error is about the whole list
-        loc = loc[:-1]
-    if kind == "too_long" or short_tuple:
-        problem = f"expected a list of {len(typing.get_args(_annotation_at(cls, loc)))} values{got}"
-    elif kind == "missing":
-        problem = f"required {key_name} is missing"
-    elif kind == "unexpected_keyword_argument":
-        known = ", ".join(field.name for field in dataclasses.fields(_annotation_at(cls, loc[:-1])))
-        problem = f"unknown {key_name} {loc[-1]!r} (known: {known})"
-    elif kind == "literal_error":
-        problem = f"expected one of {', '.join(map(str, typing.get_args(_annotation_at(cls, loc))))}{got}"
-    else:
-        problem = f"expected {_EXPECTED[kind]}{got}" if kind in _EXPECTED else f"{detail['msg']}{got}"
+    loc, problem = _problem(cls, detail, key_name)
     where = ".".join(str(part) for part in (prefix, *loc) if part != "")
     return f"{where}: {problem}" if where else problem
+
+
+def _problem(cls: type, detail: ErrorDetails, key_name: str) -> tuple[tuple[int | str, ...], str]:
+    """Where an error is and what was expected there; the type at that key path says which keys,
+    choices or list length."""
+    loc, kind, got = detail["loc"], detail["type"], f", got {describe(detail['input'])}"
+    short = kind == "missing" and bool(loc) and isinstance(loc[-1], int)  # an item of a fixed-length list
+    if short:
+        loc = loc[:-1]  # the error is about the whole list, as when it is too long
+    if short or kind == "too_long":
+        return loc, f"expected a list of {len(typing.get_args(_annotation_at(cls, loc)))} values{got}"
+    if kind == "missing":
+        return loc, f"required {key_name} is missing"
+    if kind == "unexpected_keyword_argument":
+        known = ", ".join(field.name for field in dataclasses.fields(_annotation_at(cls, loc[:-1])))
+        return loc, f"unknown {key_name} {loc[-1]!r} (known: {known})"
+    if kind == "literal_error":
+        return loc, f"expected one of {', '.join(map(str, typing.get_args(_annotation_at(cls, loc))))}{got}"
+    return loc, (f"expected {_EXPECTED[kind]}" if kind in _EXPECTED else detail["msg"]) + got
 
 
 def _annotation_at(cls: type, loc: tuple[int | str, ...]) -> Any:
