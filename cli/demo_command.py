@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmadapter.cli.options import port_number
+
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -25,7 +27,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a shorter run (fewer images and steps) for smoke tests")
     parser.add_argument("--ui", action="store_true", help="afterwards, chat with the result in the web UI (gradio)")
-    parser.add_argument("--ui-port", type=int, default=7860, help="web UI port (default 7860, on 127.0.0.1)")
+    parser.add_argument("--ui-port", type=port_number, default=7860, help="web UI port (default 7860, on 127.0.0.1)")
     parser.add_argument("--assets", type=Path, help="assets folder (default: the repository's assets/)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 on 2-4 cores, see README)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo's world and training (default 0)")

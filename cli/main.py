@@ -1,8 +1,9 @@
 """The `mmadapter` command line: one console script, one subcommand per job (DESIGN §5).
 
 Each command module exposes `add_commands(subparsers)`; every command prints for people and
-takes `--json` where a machine might read its output. Expected failures (bad paths, shapes,
-options) end with a one-line `error:` message and exit code 2, not a traceback.
+takes `--json` where a machine might read its output. Every error passes one boundary
+(`mmadapter.cli.errors`): a user's mistake is a one-line `error:` and exit code 2, an internal
+error one line naming a log file with the traceback and exit code 1; `--debug` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+
+from mmadapter.cli import errors
 
 #: Modules that add subcommands; each has `add_commands(subparsers)`.
 COMMAND_MODULES = (
@@ -28,23 +31,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mmadapter",
         description="Parameter-efficient, multimodal fine-tuning of LLaMA and ChatGLM.",
     )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(subparsers)
+    for command in subparsers.choices.values():  # `mmadapter train … --debug` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # the one boundary: see mmadapter.cli.errors
+        if args.debug:
+            raise
+        return errors.report(error, argv)
 
 
 if __name__ == "__main__":

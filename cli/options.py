@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import errno
+import socket
 from typing import Any
 
 import yaml
@@ -16,3 +19,54 @@ def parse_assignments(items: list[str] | None) -> dict[str, Any]:
             raise ValueError(f"expected key=value, got {item!r}")
         result[key.strip()] = yaml.safe_load(value)
     return result
+
+
+def port_number(value: str) -> int:
+    """argparse type of a TCP port: 1–65535 (0 would pick a random port nobody could find)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number: use 1-65535 (e.g. 8000)")
+    return port
+
+
+def device_name(value: str) -> str:
+    """argparse type of a torch device that this machine has: cpu, cuda, cuda:N, mps."""
+    import torch  # imported here, not at the top: `mmadapter --help` starts without torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{value}: this machine has no CUDA device that torch can use; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise argparse.ArgumentTypeError(f"{value}: this machine has {count} CUDA device(s), cuda:0-{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: Apple's MPS is not available here; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{value}: mmadapter runs on cpu, cuda or mps")
+    return value
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Fail before loading a model when the server could not listen on (host, port)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise ValueError(f"--host {host}: not an address of this machine (e.g. 127.0.0.1 or 0.0.0.0)") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is fine
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ValueError(f"{flag} {port}: {host}:{port} is in use; pick another port with {flag}") from None
+            if error.errno in (errno.EACCES, errno.EPERM):
+                raise ValueError(f"{flag} {port}: not allowed to listen on it here; use a port above 1023") from None
+            raise ValueError(f"--host {host}: cannot listen there ({error.strerror})") from None

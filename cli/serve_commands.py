@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from mmadapter.cli.options import check_port_free, device_name, port_number
+
 API_KEY_ENV = "MMADAPTER_API_KEY"
 
 
@@ -23,7 +25,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer", help="tokenizer folder (default: the base folder)")
     group.add_argument("--template", help="prompt template (default: the adapter's saved one; alpaca, chatglm, …)")
     group.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
-    group.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda if available)")
+    group.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1, … (default: cuda if available)")
     group.add_argument("--clip-weights", help="local CLIP weights for a multimodal adapter (overrides the saved path)")
     group.add_argument("--name", help="model id shown to API clients (default: the adapter folder's name)")
     sampling = parser.add_argument_group("sampling (defaults: the model's official demo settings)")
@@ -53,9 +55,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _model_options(serve)
     network = serve.add_argument_group("server")
     network.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    network.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    network.add_argument("--port", type=port_number, default=8000, help="API port (default 8000)")
     network.add_argument("--ui", action="store_true", help="also serve the web image-chat UI (needs the demo extra)")
-    network.add_argument("--ui-port", type=int, default=7860, help="web UI port (default 7860)")
+    network.add_argument("--ui-port", type=port_number, default=7860, help="web UI port (default 7860)")
     network.add_argument(
         "--api-key",
         help=f"require 'Authorization: Bearer KEY' on every route but /health; prefer setting {API_KEY_ENV} "
@@ -121,6 +123,9 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
     )
+    check_port_free(args.host, args.port, "--port")  # before minutes of model loading, not after
+    if args.ui:
+        check_port_free(args.host, args.ui_port, "--ui-port")
     served = _load(args)
     server = APIServer(served, settings)
     print(f"OpenAI-compatible API: {server.url}/v1  (model id {served.name!r})", flush=True)

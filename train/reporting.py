@@ -23,7 +23,6 @@ def tracker_for(log_with: str) -> tuple[str | None, str | None]:
     """(accelerate tracker name or None, a message for the user or None)."""
     if log_with == "none":
         return None, None
-
     if not is_tensorboard_available():
         return None, "tensorboard is not installed, so nothing is logged to TensorBoard (pip install tensorboard)"
     return "tensorboard", None

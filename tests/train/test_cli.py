@@ -79,12 +79,11 @@ def test_cli_errors_name_what_is_wrong(tmp_path, capsys, make_recipe):
 
 
 def test_tensorboard_is_optional_at_run_time(monkeypatch):
-    import accelerate.utils
-
+    from mmadapter.train import reporting
     from mmadapter.train.reporting import tracker_for
 
     assert tracker_for("tensorboard") == ("tensorboard", None)
     assert tracker_for("none") == (None, None)
-    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    monkeypatch.setattr(reporting, "is_tensorboard_available", lambda: False)
     tracker, message = tracker_for("tensorboard")
     assert tracker is None and "pip install tensorboard" in message

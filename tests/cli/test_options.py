@@ -1,0 +1,40 @@
+"""Flags checked before any model loads: ports, devices, and a port already in use."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from mmadapter.cli.main import main
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "http"])
+def test_a_port_outside_1_to_65535_is_refused_by_the_parser(capsys, port):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--base", "tiny-llama", "--port", port])
+    assert exit_info.value.code == 2
+    assert "argument --port:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--base", "tiny-llama", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "argument --device: cuda: this machine has no CUDA device" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_named_before_the_model_loads(capsys, monkeypatch):
+    from mmadapter.serve import loader
+
+    monkeypatch.setattr(loader, "load_served_model", lambda *a, **k: pytest.fail("loaded a model first"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--base", "tiny-llama", "--port", str(port)]) == 2
+    assert (
+        capsys.readouterr().err == f"error: --port {port}: 127.0.0.1:{port} is in use; pick another port with --port\n"
+    )
