@@ -23,10 +23,18 @@ def atomic_replace(path: Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as file:
             os.fsync(file.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; these are shared like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
