@@ -4,7 +4,7 @@ Because the order depends on nothing else, a resumed run replays it exactly and 
 epoch and the number of micro-batches already consumed. The order is also independent of how the
 global batch is split: every optimizer step takes the next `batch_size * grad_accum * processes`
 samples of one permutation, and micro-batch i of a step goes to process i mod P. With the loss
-normalised by the step's token count (loop.py), 1 process x batch 8 and 2 processes x batch 4
+normalised by the step's token count (step.py), 1 process x batch 8 and 2 processes x batch 4
 compute the same update.
 
 Length grouping (like transformers' LengthGroupedSampler) sorts windows of 16 steps' worth of

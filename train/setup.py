@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.state import AcceleratorState, PartialState, is_initialized
+from accelerate.state import AcceleratorState, is_initialized
 from accelerate.utils import DistributedType, ProjectConfiguration
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
@@ -71,26 +71,23 @@ def make_accelerator(recipe: Recipe, output_dir: Path) -> Accelerator:
 
 
 def plain_accelerator(precision: str = "no", **kwargs: Any) -> Accelerator:
-    """An Accelerator; in a single process, a later run may use another precision than an earlier one."""
-    forget_other_precision(precision)
+    """An Accelerator in this process's one mixed precision."""
+    check_one_precision_per_process(precision)
     # Without cpu=True accelerate does not see torchrun's processes on a machine without an accelerator.
     return Accelerator(mixed_precision=precision, cpu=not has_accelerator_device(), **kwargs)
 
 
-def forget_other_precision(precision: str) -> None:
-    """Let one process train again in another mixed precision (a notebook, a test session, fp16 then bf16).
-
-    accelerate keeps one AcceleratorState per process and refuses a second precision ("restart your
-    runtime"); 1.15 has no public way to start over, so this clears it with its private
-    `_reset_state()`, as accelerate's own tests do. Only in a single process, where the state holds
-    nothing a later Accelerator needs; processes of a distributed run keep their one precision.
-    Evaluation needs no Accelerator at all (train/loss.py `evaluate` takes a PartialState).
-    """
-    if not is_initialized() or PartialState().num_processes > 1:
+def check_one_precision_per_process(precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process and cannot start over with another mixed
+    precision (it has no public reset); say so in the recipe's words instead of its "restart your runtime"."""
+    if not is_initialized():
         return
     state = AcceleratorState()
     if state.distributed_type != DistributedType.DEEPSPEED and state.mixed_precision != precision:
-        AcceleratorState._reset_state()
+        raise ValueError(
+            f"train.mixed_precision: this process already trained in {state.mixed_precision!r} and accelerate "
+            f"allows one precision per process; run the {precision!r} training in a new process"
+        )
 
 
 def has_accelerator_device() -> bool:
