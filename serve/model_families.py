@@ -64,7 +64,6 @@ class GLMInputs:
     """Inputs of ChatGLM-6B: the 2-D padding mask over cached + new tokens, and GLM positions of the new ones."""
 
     def __init__(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-
         self.model = model
         self.input_ids = input_ids
         self.sequence = input_ids
@@ -97,12 +96,10 @@ class GLMInputs:
 
 
 def _glm_processors(tokenizer: PreTrainedTokenizerBase) -> list[LogitsProcessor]:
-
     return [InvalidScoreLogitsProcessor(tokenizer.convert_tokens_to_ids("▁"))]
 
 
 def _glm_process_response(text: str) -> str:
-
     return process_response(text)
 
 

@@ -265,7 +265,6 @@ def _attach_lora(model: nn.Module, config: LlamaAdapterV2Config) -> None:
 
 
 def _attach_vision(model: nn.Module, config: LlamaAdapterV2Config) -> None:
-
     parameter = next(model.parameters())
     device = parameter.device
     if config.clip_pretrained is None and device.type != "meta":

@@ -117,7 +117,6 @@ def _process_age() -> float:
 
 
 def find_assets(explicit: Path | None) -> Path:
-
     folder = Path(explicit) if explicit is not None else ASSETS_DIR
     missing = [name for name in (LANGUAGE_MODEL_DIR, VISION_TOWER_DIR) if not (folder / name).is_dir()]
     if missing:
@@ -136,7 +135,6 @@ def default_threads() -> int:
 
 
 def say(message: str = "") -> None:
-
     tqdm.write(message)
 
 
@@ -202,14 +200,12 @@ def check_zero_init(model, batch, expected, clip_features) -> float:
 
 
 def evaluate(model, tokenizer, scenes, features, desc: str) -> tuple[dict[str, Any], list[str]]:
-
     probes = demo_eval.make_probes(scenes)
     texts = demo_eval.generate(model, tokenizer, probes, features, template=TEMPLATE, desc=desc)
     return demo_eval.score(probes, texts, scenes), texts
 
 
 def format_accuracy_table(untrained: dict[str, Any], trained: dict[str, Any]) -> str:
-
     lines = [f"{'held-out accuracy':<24}{'untrained':>10}{'trained':>10}"]
     for kind, label in (("caption", "in captions"), ("answer", "in answers")):
         for attribute in ATTRIBUTES:
@@ -375,7 +371,6 @@ def write_examples(folder: Path, examples: list[dict[str, Any]]) -> Path:
 
 
 def chat_instructions(assets: Path, adapter_dir: Path, examples_dir: Path) -> str:
-
     base = assets / LANGUAGE_MODEL_DIR
     image = next(iter(sorted(examples_dir.glob("*.png"))), None)
     return "\n".join(
@@ -389,7 +384,6 @@ def chat_instructions(assets: Path, adapter_dir: Path, examples_dir: Path) -> st
 
 
 def launch_ui(model, tokenizer, examples_dir: Path, port: int) -> None:
-
     merge_for_serving(model)
     served = ServedModel.from_model(model, tokenizer, template=TEMPLATE, name="mmadapter-demo")
     say(f"web UI on http://127.0.0.1:{port} (Ctrl+C to stop)")

@@ -128,7 +128,6 @@ def train_tokenizer(seed: int, vocab_size: int):
 
 
 def language_model_config(tokenizer):
-
     return LlamaConfig(
         **{**LANGUAGE_MODEL, "vocab_size": len(tokenizer)},
         num_key_value_heads=LANGUAGE_MODEL["num_attention_heads"],
