@@ -22,13 +22,15 @@ def parse_assignments(items: list[str] | None) -> dict[str, Any]:
 
 
 def port_number(value: str) -> int:
-    """argparse type of a TCP port: 1–65535 (0 would pick a random port nobody could find)."""
+    """argparse type of a TCP port: 1-65535, or 0 for any free port (the server prints the one it got)."""
     try:
         port = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535)") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number: use 1-65535 (e.g. 8000)")
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535, or 0 for any free port)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{port} is not a port number: use 1-65535 (e.g. 8000), or 0 for any free port"
+        )
     return port
 
 
@@ -55,6 +57,8 @@ def device_name(value: str) -> str:
 
 def check_port_free(host: str, port: int, flag: str) -> None:
     """Fail before loading a model when the server could not listen on (host, port)."""
+    if port == 0:  # any free port: nothing to check
+        return
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:

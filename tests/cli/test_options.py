@@ -10,8 +10,8 @@ import torch
 from mmadapter.cli.main import main
 
 
-@pytest.mark.parametrize("port", ["99999", "0", "http"])
-def test_a_port_outside_1_to_65535_is_refused_by_the_parser(capsys, port):
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_port_outside_0_to_65535_is_refused_by_the_parser(capsys, port):
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--base", "tiny-llama", "--port", port])
     assert exit_info.value.code == 2
