@@ -107,9 +107,12 @@ def error_catalogue() -> str:
     for folder in SOURCE_FOLDERS:
         for path in sorted((ROOT / folder).rglob("*.py")):
             rows = [
-                f"| `{message.replace('|', '/')}` | {name} | line {line} |" for line, name, message in raised_messages(path)
+                f"| `{message.replace('|', '/')}` | {name} | line {line} |"
+                for line, name, message in raised_messages(path)
             ]
             if rows:
                 module = "mmadapter." + ".".join(path.relative_to(ROOT).with_suffix("").parts)
-                sections.append(f"### `{module}`\n\n| message | raised as | where |\n| --- | --- | --- |\n" + "\n".join(rows))
+                sections.append(
+                    f"### `{module}`\n\n| message | raised as | where |\n| --- | --- | --- |\n" + "\n".join(rows)
+                )
     return "\n\n".join(sections)
