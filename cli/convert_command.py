@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmadapter.cli.options import announce_loading
 from mmadapter.cli.ptuning_commands import export_official_ptuning, import_official_ptuning
 
 
@@ -122,5 +123,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    announce_loading()
     print(CONVERTERS[args.kind][1](args))
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mmadapter.cli.options import port_number
+from mmadapter.cli.options import announce_loading, port_number
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +36,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    announce_loading("torch, transformers and open_clip")
     # Imported on use, not at the top: the command line starts without loading what other commands need.
     from mmadapter.cli.demo.app import DemoOptions, run_demo
 

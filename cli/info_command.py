@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mmadapter.cli.options import parse_assignments
+from mmadapter.cli.options import announce_loading, parse_assignments
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +26,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    announce_loading()
     # Imported on use, not at the top: the command line starts without loading what other commands need.
     from mmadapter.adapters.backbones.loading import read_base_config
     from mmadapter.adapters.backbones.presets import build_base_model

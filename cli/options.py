@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import socket
+import sys
 from typing import Any
 
 import yaml
@@ -74,3 +75,13 @@ def check_port_free(host: str, port: int, flag: str) -> None:
             if error.errno in (errno.EACCES, errno.EPERM):
                 raise ValueError(f"{flag} {port}: not allowed to listen on it here; use a port above 1023") from None
             raise ValueError(f"--host {host}: cannot listen there ({error.strerror})") from None
+
+
+def announce_loading(what: str = "torch and transformers") -> None:
+    """The first line a model-loading command prints, before its heavy imports: they take seconds, and
+    the first run after installing compiles caches for a minute or more, which must not look like a hang."""
+    print(
+        f"mmadapter: loading {what} (the first run after installing also compiles caches: up to a minute or two)",
+        file=sys.stderr,
+        flush=True,
+    )

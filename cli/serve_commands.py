@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from mmadapter.cli.options import check_port_free, device_name, port_number
+from mmadapter.cli.options import announce_loading, check_port_free, device_name, port_number
 
 API_KEY_ENV = "MMADAPTER_API_KEY"
 
@@ -99,6 +99,7 @@ def _load(args: argparse.Namespace):
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    announce_loading()
     # Imported on use, not at the top: the command line starts without loading what other commands need.
     from mmadapter.serve.terminal_chat import TerminalChat
 
@@ -109,6 +110,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    announce_loading()
     # Imported on use, not at the top: the command line starts without loading what other commands need.
     from mmadapter.serve.http_server import APIServer, ServerSettings, serve_forever
     from mmadapter.vision.images import DEFAULT_MAX_PIXELS
