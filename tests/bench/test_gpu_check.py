@@ -1,0 +1,40 @@
+"""bench/gpu_check cannot rot between GPU leases: its dry run (same code, tiny shapes, CPU) runs here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_check"
+
+
+@pytest.mark.slow
+def test_the_dry_run_measures_every_part(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    for part in ("gpu_tests", "matmul", "train", "generate", "clip_cache"):
+        assert document[part]["status"] == "ok", (part, document[part])
+    assert "selected" in document["gpu_tests"]["summary"] or "collected" in document["gpu_tests"]["summary"]
+    methods = {"llama-adapter-v1", "llama-adapter-v2", "lora", "ptuning-v2"}
+    train = {name: row for name, row in document["train"].items() if isinstance(row, dict)}
+    assert set(train) == methods
+    assert all(row["step_s"] > 0 and row["tflops"] > 0 and row["trainable"] > 0 for row in train.values())
+    generate = {name: row for name, row in document["generate"].items() if isinstance(row, dict)}
+    assert set(generate) == methods | {"base"} and generate["base"]["ratio_batch1"] == 1.0
+    assert document["skipped"]["quantized_v2_step"]
+    assert "bf16 TFLOP/s" in result.stdout  # the table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_without_a_gpu_it_says_so_and_points_to_the_dry_run():
+    result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--dry-run" in result.stderr
