@@ -2,11 +2,12 @@
 
 Rows are validated and tokenized before the first step, so a malformed row, a missing field, a
 missing image or a prompt too long for max_length is reported (file and line/index) before any
-compute is spent, and length-grouped batching knows every length. Images are decoded when a
-batch is built; one that turns out to be corrupt is masked out of its batch (it contributes no
-loss) and counted, so nothing crashes mid-epoch. Policy (`data.on_bad_sample`): `skip` counts and
-reports at the end, but stops when more than `max_bad_fraction` of a file is bad; `fail` stops at
-the first bad sample.
+compute is spent, and length-grouped batching knows every length. Every image's header is read
+then too (not its pixels), so an unsupported, unreadable or oversized file is found up front.
+Images are decoded when a batch is built; one whose body turns out to be corrupt is masked out of
+its batch (it contributes no loss) and counted, so nothing crashes mid-epoch. Policy
+(`data.on_bad_sample`): `skip` counts and reports at the end, but stops when more than
+`max_bad_fraction` of a file is bad; `fail` stops at the first bad sample.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mmadapter.core.templates import get_template
 from mmadapter.train.chatglm_data import ChatGLMDataConfig, ChatGLMRow, build_training_example, training_prompt
 from mmadapter.train.readers import BadSample, read_examples
 from mmadapter.train.recipe import DataSection, DataSource
+from mmadapter.vision.images import ImageLoadError, check_image_header
 
 #: image path -> model inputs for that image, e.g. {"pixel_values": (3, H, W)}; raises ValueError/OSError.
 ImageLoader = Callable[[Path], dict[str, torch.Tensor]]
@@ -126,26 +128,82 @@ def load_samples(
     *,
     show_progress: bool = True,
 ) -> list[Sample]:
-    """Read, validate and tokenize every source; bad rows go to `bad` under its policy."""
+    """Read, validate and tokenize every source, and check its images' headers; bad rows and images go to
+    `bad` under its policy."""
     samples: list[Sample] = []
     for source in sources:
-        encoder = ENCODERS.get(source.format, encode_llama_style)
-        kind = kinds.index(source.trains or stage)
-        count, bad_before = 0, len(bad.samples)
-        rows = read_examples(source.format, source.path, source.images, source.options, source.max_samples)
-        for item in tqdm(rows, desc=f"reading {Path(source.path).name}", disable=not show_progress, leave=False):
-            count += 1
-            if isinstance(item, BadSample):
-                bad.add(item)
-                continue
-            try:
-                encoded = encoder(item, tokenizer, data, source)
-            except DataError as error:
-                bad.add(BadSample(item.source, str(error)))
-                continue
-            samples.append(Sample(item.source, encoded.input_ids, encoded.labels, item.image, kind))
+        bad_before = len(bad.samples)
+        read, count = read_source(source, tokenizer, data, kinds.index(source.trains or stage), bad, show_progress)
+        samples += check_images(read, bad, Path(source.path).name, show_progress)
         bad.check_fraction(source.path, len(bad.samples) - bad_before, count)
     return samples
+
+
+def read_source(
+    source: DataSource, tokenizer, data: DataSection, kind: int, bad: BadSampleLog, show_progress: bool
+) -> tuple[list[Sample], int]:
+    """(tokenized samples, rows read) of one source; bad rows go to `bad`."""
+    encoder = ENCODERS.get(source.format, encode_llama_style)
+    samples: list[Sample] = []
+    count = 0
+    rows = read_examples(
+        source.format,
+        source.path,
+        source.images,
+        source.options,
+        source.max_samples,
+        allow_outside_root=source.allow_outside_root,
+    )
+    for item in tqdm(rows, desc=f"reading {Path(source.path).name}", disable=not show_progress, leave=False):
+        count += 1
+        if isinstance(item, BadSample):
+            bad.add(item)
+            continue
+        try:
+            encoded = encoder(item, tokenizer, data, source)
+        except DataError as error:
+            bad.add(BadSample(item.source, str(error)))
+            continue
+        samples.append(Sample(item.source, encoded.input_ids, encoded.labels, item.image, kind))
+    return samples, count
+
+
+def check_images(samples: list[Sample], bad: BadSampleLog, what: str, show_progress: bool) -> list[Sample]:
+    """The samples whose image (if any) has a readable header within the pixel limit; the others go to `bad`
+    now, so `fail` stops before any compute and `skip` reports them all up front. Each file is read once."""
+    problems: dict[Path, str | None] = {}
+    kept = []
+    show = show_progress and any(s.image is not None for s in samples)
+    for sample in tqdm(samples, desc=f"checking images of {what}", disable=not show, leave=False):
+        if sample.image is not None and sample.image not in problems:
+            problems[sample.image] = image_problem(sample.image)
+        if problems.get(sample.image) is None:  # fine, or a text sample
+            kept.append(sample)
+        else:
+            bad.add(BadSample(sample.source, problems[sample.image]))
+    return kept
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image file cannot be used, from its header alone; None if it looks fine."""
+    try:
+        check_image_header(path)
+    except ImageLoadError as error:
+        return str(error)
+    return None
+
+
+def check_token_ids(samples: Sequence[Sample], tokenizer, pad_id: int, rows: int) -> None:
+    """Every token id, padding included, needs a row in the base model's embedding; else the first batch
+    holding one stops training with torch's bare `IndexError: index out of range in self`."""
+    first = next((s for s in samples if max(s.input_ids, default=0) >= rows), None)
+    if first is None and pad_id < rows:
+        return
+    where = f"its padding token id {pad_id}" if first is None else f"token id {max(first.input_ids)} in {first.source}"
+    raise ValueError(
+        f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the base model's embedding has {rows} "
+        f"rows ({where}); use the base model's tokenizer"
+    )
 
 
 class SupervisedDataset(torch.utils.data.Dataset):

@@ -8,8 +8,12 @@ Formats (spec llama-adapter.md §1.5, §3.6, §3.10; chatglm-6b-ptuning-v2.md §
 - `caption-jsonl`: JSON list or JSONL of {image, caption}.
 - `chatglm`: AdvertiseGen-style JSONL {content, summary} (columns configurable, optional history).
 
-Reading never raises on a bad row: the caller applies the skip/fail policy. Only a file that cannot
-be read at all (missing, or a JSON document that does not parse) raises a DataError.
+Reading never raises on a bad row: the caller applies the skip/fail policy. JSON lines are decoded one
+by one, so a stray non-UTF-8 byte costs its line, not the file. Only a file that cannot be read at all
+(missing, or a JSON document that is not UTF-8 or does not parse) raises a DataError.
+
+Image paths resolve inside the source's image folder (symlinks followed): a data file naming
+`/etc/passwd` or `../../secret` gets a bad sample, not a read, unless the source allows it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mmadapter.core.examples import DataError, Example
-from mmadapter.train.chatglm_data import ChatGLMDataConfig, read_rows
+from mmadapter.train.chatglm_data import ChatGLMDataConfig, ChatGLMRow, MalformedRowError, parse_row
 
 #: Roles accepted in conversation files, mapped to user / assistant.
 USER_ROLES = ("human", "user")
@@ -43,24 +47,59 @@ Row = tuple[str, Any]
 
 def read_records(path: Path) -> Iterator[Row | BadSample]:
     """(location, parsed row) for a JSON list or a JSON-lines file; malformed lines become BadSamples."""
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix != ".jsonl" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
-        for index, row in enumerate(rows):
+    data = _read_bytes(path)
+    if path.suffix != ".jsonl" and data.lstrip().startswith(b"["):
+        for index, row in enumerate(_parse_document(path, data)):
             yield f"{path}[{index}]", row
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for item in _lines(path, data):
+        yield item if isinstance(item, BadSample) else _parse_line(f"{path}:{item[0]}", item[1])
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    return path.read_bytes()
+
+
+def _lines(path: Path, data: bytes) -> Iterator[tuple[int, str] | BadSample]:
+    """(line number, text) of each non-blank line, each decoded on its own so that one bad byte is one bad line."""
+    for number, raw in enumerate(data.splitlines(), start=1):
         try:
-            yield f"{path}:{number}", json.loads(line)
-        except json.JSONDecodeError as error:
-            yield BadSample(f"{path}:{number}", f"malformed JSON ({error.msg} at column {error.colno})")
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield BadSample(f"{path}:{number}", _not_utf8(error, f"column {error.start + 1}"))
+            continue
+        if line.strip():
+            yield number, line
+
+
+def _not_utf8(error: UnicodeDecodeError, where: str) -> str:
+    return f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at {where}); save the file as UTF-8"
+
+
+def _parse_line(location: str, line: str) -> Row | BadSample:
+    try:
+        return location, json.loads(line)
+    except json.JSONDecodeError as error:
+        return BadSample(location, f"malformed JSON ({error.msg} at column {error.colno})")
+    except (ValueError, RecursionError) as error:  # an integer over Python's digit limit; nesting too deep
+        return BadSample(location, f"malformed JSON ({error})")
+
+
+def _parse_document(path: Path, data: bytes) -> Any:
+    """A whole-file JSON document; one that is not UTF-8 or not JSON fails naming where."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}: {_not_utf8(error, f'byte offset {error.start}, line {line}')}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+    except (ValueError, RecursionError) as error:  # an integer over Python's digit limit; nesting too deep
+        raise DataError(f"{path}: invalid JSON ({error})") from None
 
 
 def _text(row: dict[str, Any], field: str, *, required: bool = True, default: str = "") -> str:
@@ -83,11 +122,33 @@ def _object(row: Any) -> dict[str, Any]:
     return row
 
 
-def _image_path(name: str, images: Path) -> Path:
-    path = images / name
-    if not path.is_file():
-        raise DataError(f"image not found: {path}")
-    return path
+@dataclasses.dataclass(frozen=True)
+class ImageRoot:
+    """The folder a data file's image paths resolve in. A path leaving it (absolute, `..`, a symlink out)
+    is refused unless allowed, so a data file cannot make training read arbitrary files."""
+
+    folder: Path
+    allow_outside: bool = False
+
+    def resolve(self, name: str) -> Path:
+        """The image file `name` names, symlinks resolved; DataError (a bad sample) if it is outside or missing.
+        A path outside is refused before anything there is touched."""
+        try:
+            path = (self.folder / name).resolve()
+            if not self.allow_outside and not path.is_relative_to(self.folder):
+                raise DataError(
+                    f"image path {name!r} resolves to {path}, outside the image folder {self.folder}; move the "
+                    "image into that folder, point the data source's `images` at a folder holding it, or set "
+                    "`allow_outside_root: true` on the data source"
+                )
+            if not path.is_file():
+                raise DataError(f"image not found: {path}")
+        except DataError:
+            raise
+        except (OSError, ValueError, RuntimeError) as error:  # a NUL byte, a name too long, a symlink loop
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise DataError(f"image path {name!r} is not a usable path ({reason})") from None
+        return path
 
 
 def _parse_rows(
@@ -108,7 +169,7 @@ def _parse_rows(
             yield BadSample(location, str(error))
 
 
-def read_alpaca(path: Path, images: Path, options: dict[str, Any], limit: int | None = None):
+def read_alpaca(path: Path, images: ImageRoot, options: dict[str, Any], limit: int | None = None):
     def parse(location: str, row: dict[str, Any]) -> Example:
         instruction, output = _text(row, "instruction"), _text(row, "output")
         return Example(location, ((instruction, output),), input=_text(row, "input", required=False))
@@ -116,7 +177,7 @@ def read_alpaca(path: Path, images: Path, options: dict[str, Any], limit: int | 
     return _parse_rows(path, parse, limit)
 
 
-def read_conversation(path: Path, images: Path, options: dict[str, Any], limit: int | None = None):
+def read_conversation(path: Path, images: ImageRoot, options: dict[str, Any], limit: int | None = None):
     def parse(location: str, row: dict[str, Any]) -> Example:
         messages = row.get("conversations")
         if not isinstance(messages, list) or not messages:
@@ -141,47 +202,54 @@ def read_conversation(path: Path, images: Path, options: dict[str, Any], limit: 
         image = row.get("image")
         if mentions_image and image is None:
             raise DataError(f"a message contains {IMAGE_TOKEN} but the row has no 'image' field")
-        return Example(location, tuple(turns), image=_image_path(_text(row, "image"), images) if image else None)
+        return Example(location, tuple(turns), image=images.resolve(_text(row, "image")) if image else None)
 
     return _parse_rows(path, parse, limit)
 
 
-def read_caption_jsonl(path: Path, images: Path, options: dict[str, Any], limit: int | None = None):
+def read_caption_jsonl(path: Path, images: ImageRoot, options: dict[str, Any], limit: int | None = None):
     def parse(location: str, row: dict[str, Any]) -> Example:
         caption = _text(row, "caption")
-        return Example(location, (("", caption),), image=_image_path(_text(row, "image"), images), caption=True)
+        return Example(location, (("", caption),), image=images.resolve(_text(row, "image")), caption=True)
 
     return _parse_rows(path, parse, limit)
 
 
 def read_coco_captions(
-    path: Path, images: Path, options: dict[str, Any], limit: int | None = None
+    path: Path, images: ImageRoot, options: dict[str, Any], limit: int | None = None
 ) -> Iterator[Example | BadSample]:
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("annotations"), list):
+    document = _parse_document(path, _read_bytes(path))
+    if not isinstance(document, dict) or not all(isinstance(document.get(k), list) for k in ("images", "annotations")):
         raise DataError(f"{path}: not a COCO captions file (expected 'images' and 'annotations' lists)")
-    files = {
-        entry.get("id"): entry.get("file_name") for entry in document.get("images") or [] if isinstance(entry, dict)
+    entries = {
+        entry["id"]: entry for entry in document["images"] if isinstance(entry, dict) and _is_id(entry.get("id"))
     }
     for index, annotation in enumerate(document["annotations"][:limit]):
         location = f"{path} annotations[{index}]"
         try:
-            annotation = _object(annotation)
-            caption = _text(annotation, "caption").strip()
-            if annotation.get("image_id") not in files:
-                raise DataError(f"image_id {annotation.get('image_id')!r} is not listed in 'images'")
-            image = _image_path(str(files[annotation["image_id"]]), images)
-            yield Example(location, (("", caption),), image=image, caption=True)
+            yield _coco_example(location, _object(annotation), entries, images)
         except DataError as error:
             yield BadSample(location, str(error))
 
 
-def read_chatglm(path: Path, images: Path, options: dict[str, Any], limit: int | None = None):
+def _is_id(value: Any) -> bool:
+    """COCO ids are numbers or strings; anything else (a list, an object) cannot name an image."""
+    return isinstance(value, int | str)
+
+
+def _coco_example(location: str, annotation: dict[str, Any], entries: dict[Any, dict], images: ImageRoot) -> Example:
+    caption = _text(annotation, "caption").strip()
+    image_id = annotation.get("image_id")
+    if not _is_id(image_id):
+        raise DataError(f"field 'image_id' must be a number or a string, got {type(image_id).__name__}")
+    if image_id not in entries:
+        raise DataError(f"image_id {image_id!r} is not listed in 'images'")
+    return Example(
+        location, (("", caption),), image=images.resolve(_text(entries[image_id], "file_name")), caption=True
+    )
+
+
+def read_chatglm(path: Path, images: ImageRoot, options: dict[str, Any], limit: int | None = None):
     """AdvertiseGen-style rows, read by the official rules of train/chatglm_data.py (rows with an empty
     prompt or response are dropped silently, as ptuning/main.py does); options are its column settings."""
 
@@ -189,19 +257,28 @@ def read_chatglm(path: Path, images: Path, options: dict[str, Any], limit: int |
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise DataError(f"{path}: unknown chatglm option(s) {unknown}; known: {sorted(allowed)}")
-    pending: list[BadSample] = []
-    rows = read_rows(
-        path, ChatGLMDataConfig(**options), lambda e: pending.append(BadSample(f"{e.path}:{e.line}", e.reason))
-    )
-    count = 0
-    for row in rows:
-        yield from pending
-        pending.clear()
+    config, count = ChatGLMDataConfig(**options), 0
+    for item in _lines(path, _read_bytes(path)):
+        if isinstance(item, BadSample):
+            yield item
+            continue
         if limit is not None and count >= limit:
             return
-        count += 1
-        yield Example(row.source, (*row.history, (row.query, row.response)))
-    yield from pending
+        row = _chatglm_row(path, *item, config)
+        if isinstance(row, BadSample):
+            yield row
+        elif row is not None:
+            count += 1
+            yield Example(row.source, (*row.history, (row.query, row.response)))
+
+
+def _chatglm_row(path: Path, number: int, line: str, config: ChatGLMDataConfig) -> ChatGLMRow | BadSample | None:
+    try:
+        return parse_row(line, config, path, number)
+    except MalformedRowError as error:
+        return BadSample(f"{path}:{number}", error.reason)
+    except (ValueError, RecursionError) as error:  # from json.loads: an integer over Python's digit limit, nesting
+        return BadSample(f"{path}:{number}", f"invalid JSON ({error})")
 
 
 READERS: dict[str, Callable[..., Iterator[Example | BadSample]]] = {
@@ -214,10 +291,18 @@ READERS: dict[str, Callable[..., Iterator[Example | BadSample]]] = {
 
 
 def read_examples(
-    format: str, path: str | Path, images: str | Path | None = None, options: dict[str, Any] | None = None, limit=None
+    format: str,
+    path: str | Path,
+    images: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    limit=None,
+    *,
+    allow_outside_root: bool = False,
 ) -> Iterator[Example | BadSample]:
-    """Examples and bad samples of one data file; images resolve against `images` or the file's folder."""
+    """Examples and bad samples of one data file; image paths must resolve inside `images` (default: the
+    file's folder) unless `allow_outside_root`."""
     if format not in READERS:
         raise DataError(f"unknown data format {format!r}; available: {', '.join(READERS)}")
     path = Path(path)
-    return READERS[format](path, Path(images) if images else path.parent, options or {}, limit)
+    root = ImageRoot(Path(images or path.parent).resolve(), allow_outside_root)
+    return READERS[format](path, root, options or {}, limit)

@@ -55,6 +55,9 @@ class DataSource:
     path: str
     images: str | None = None
     """Image folder for relative image paths (default: the data file's folder)."""
+    allow_outside_root: Bool = False
+    """Let image paths resolve outside the image folder (absolute paths, `..`, symlinks out of it). Off, a
+    data file cannot make training read arbitrary files; turn on for data you trust whose images live elsewhere."""
     trains: str | None = None
     """The adapter stage whose parameters this source updates (mixed runs); None: the stage's own."""
     max_samples: Int | None = None
@@ -316,11 +319,21 @@ def _validate(recipe: Recipe, implicit_stage: bool) -> None:
             raise ValueError(f"{key}data.max_length: must be at least 2, got {data.max_length}")
 
 
+def _check_top_level_keys(document: dict[str, Any]) -> None:
+    """Unknown top-level keys, listing the ones a recipe file may have: the resolved recipe's fields and the
+    stage defaults `train`/`data` (which parsing the Recipe alone would not name)."""
+    known = [*(field.name for field in dataclasses.fields(Recipe)), "train", "data"]
+    unknown = [key for key in document if key not in known]
+    if unknown:
+        raise ValueError("; ".join(f"{key}: unknown key {key!r} (known: {', '.join(known)})" for key in unknown))
+
+
 def parse_recipe(document: dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:
     """A typed, validated recipe from a raw mapping plus dotted overrides."""
     if not isinstance(document, dict):
         raise ValueError(f"a recipe must be a mapping at the top level, got {describe(document)}")
     document = apply_overrides(document, _for_every_stage(document, overrides or {}))
+    _check_top_level_keys(document)
     recipe = parse(Recipe, _resolve_stages(document))
     _validate(recipe, implicit_stage="stages" not in document)
     return recipe

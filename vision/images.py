@@ -108,12 +108,41 @@ def read_image_file(path: str | Path) -> bytes:
     path = Path(path)
     try:
         return path.read_bytes()
-    except FileNotFoundError as error:
-        raise ImageLoadError(path, "file not found") from error
-    except IsADirectoryError as error:
-        raise ImageLoadError(path, "is a directory, not an image file") from error
     except OSError as error:
-        raise ImageLoadError(path, f"cannot read ({error.strerror or error})") from error
+        raise _file_error(path, error) from error
+
+
+def _file_error(path: Path, error: OSError) -> ImageLoadError:
+    if isinstance(error, FileNotFoundError):
+        return ImageLoadError(path, "file not found")
+    if isinstance(error, IsADirectoryError):
+        return ImageLoadError(path, "is a directory, not an image file")
+    return ImageLoadError(path, f"cannot read ({error.strerror or error})")
+
+
+def check_image_header(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from an image file's header, no pixels decoded: cheap enough to check a whole data
+    set before training (a supported format within the pixel limit). A body truncated after the header
+    passes; only decoding (`load_image`) finds that."""
+    path = Path(path)
+    try:
+        file = path.open("rb")
+    except OSError as error:
+        raise _file_error(path, error) from error
+    with file, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(file, formats=SUPPORTED_FORMATS) as image:
+                width, height = image.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ImageLoadError(path, f"too many pixels, possible decompression bomb ({error})") from error
+        except UnidentifiedImageError as error:
+            raise ImageLoadError(path, f"not a supported image ({', '.join(SUPPORTED_FORMATS)})") from error
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise ImageLoadError(path, f"corrupt image header ({error})") from error
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageLoadError(path, f"{width}x{height} pixels exceeds the limit of {max_pixels:,} pixels")
+    return width, height
 
 
 def load_image(

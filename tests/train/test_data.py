@@ -178,7 +178,8 @@ def test_fail_policy_stops_at_the_first_bad_row(tmp_path, tiny_tokenizer):
 
 def test_collator_pads_right_and_masks_samples_whose_image_fails(tmp_path, tiny_tokenizer):
     write_image(tmp_path / "red.png", "red")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    broken = write_image(tmp_path / "broken.png", "red")
+    broken.write_bytes(broken.read_bytes()[:50])  # the header reads (checked up front), the pixels do not
     rows = [{"image": name, "caption": "a red square"} for name in ("red.png", "broken.png")]
     source = DataSource(format="caption-jsonl", path=str(write_jsonl(tmp_path / "c.jsonl", rows)))
     samples = load_samples(

@@ -79,14 +79,16 @@ def test_nonfinite_loss_stops_before_the_update_naming_the_sample(make_recipe, t
 
 @pytest.fixture
 def caption_data(tmp_path):
-    """Eight coloured squares with captions, and one corrupt image file."""
+    """Eight coloured squares with captions, and one image whose header reads but whose pixels are cut short
+    (found only when decoded, during training)."""
     folder = tmp_path / "images"
     folder.mkdir()
     rows = []
     for i, colour in enumerate(list(COLOURS) * 2):
         write_image(folder / f"{i}.png", colour)
         rows.append({"image": f"{i}.png", "caption": f"a {colour} square"})
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    broken = write_image(folder / "broken.png", "red")
+    broken.write_bytes(broken.read_bytes()[:50])
     rows.insert(3, {"image": "broken.png", "caption": "a broken square"})
     return write_jsonl(tmp_path / "captions.jsonl", rows), folder
 
@@ -196,7 +198,7 @@ def test_clip_feature_cache_feeds_training_and_reports_unreadable_images_up_fron
 @pytest.mark.parametrize(
     ("policy", "fraction", "error", "message"),
     [
-        ("fail", 0.5, DataError, r"captions.jsonl:4: .*broken.png: not a supported image .*on_bad_sample=fail"),
+        ("fail", 0.5, DataError, r"captions.jsonl:4: .*broken.png: corrupt or truncated image .*on_bad_sample=fail"),
         ("skip", 0.05, TrainingStopped, r"1 of 9 samples had unreadable images, more than data.max_bad_fraction"),
     ],
 )
