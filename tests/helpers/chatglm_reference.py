@@ -4,9 +4,10 @@ It reads a state dict with the released key names and re-derives everything from
 `get_masks` / `get_position_ids` on Python lists (model path, or tokenizer path = computed on the unpadded
 row then left-padded), fp16-rounded rotary frequencies with a position table gathered per token, the per-head
 interleaved QKV split, q/(sqrt(d)·(i+1)) → masked_fill(-10000) → fp32 ×(i+1) softmax, the alpha residual on
-the normalised input, the explicit tanh-GELU formula, and the head tied to the word embeddings. A P-Tuning v2
-prefix `[L, 2, b, heads, P, d]` (spec §5.2-5.3) is concatenated in front of each layer's keys/values by hand:
-no rotary on it, visible to every query, positions unshifted.
+the normalised input (alpha = sqrt(56) at every depth, as in the official code; never read from the model's
+config), the explicit tanh-GELU formula, and the head tied to the word embeddings. A P-Tuning v2 prefix
+`[L, 2, b, heads, P, d]` (spec §5.2-5.3) is concatenated in front of each layer's keys/values by hand: no
+rotary on it, visible to every query, positions unshifted.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import torch.nn.functional as F
 
 #: The real special-token ids (spec §4).
 SOP, EOP, GMASK, MASK, PAD = 130004, 130005, 130001, 130000, 3
+
+#: The official residual scale: `modeling_chatglm.py` declares `GLMBlock(..., num_layers=28)` and
+#: `ChatGLMModel.get_layer` never passes the model's depth, so alpha = sqrt(2·28) for a model of any depth.
+OFFICIAL_ALPHA = math.sqrt(2 * 28)
 
 
 def official_mask_and_positions(row: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,13 +90,16 @@ def reference_logits(
     prefix: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     eps: float = 1e-5,
+    alpha: float = OFFICIAL_ALPHA,
 ) -> torch.Tensor:
-    """Logits `[b, s, V]` for `input_ids` `[b, s]` with the official bool mask `[b, 1, s, s]` and positions."""
+    """Logits `[b, s, V]` for `input_ids` `[b, s]` with the official bool mask `[b, 1, s, s]` and positions.
+
+    `alpha` is there so a test can show that another residual scale (e.g. sqrt(2·depth)) gives other logits.
+    """
     w = {k: v.to(dtype) for k, v in state.items()}
     embedding = w["transformer.word_embeddings.weight"]
     hidden_size = embedding.shape[1]
     head_dim = hidden_size // num_heads
-    alpha = math.sqrt(2 * num_layers)
     x = embedding[input_ids].transpose(0, 1)  # [s, b, h]
     seq_len, batch = x.shape[:2]
     if prefix is not None:

@@ -3,6 +3,7 @@ special pieces sit at the real ids (130000-130007)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>"
 
 def build_tiny_glm(seed: int = 0, attn: str = "eager", dtype: torch.dtype | None = None):
     """The `tiny-chatglm` preset (3 layers, hidden 64, 4 heads, 130528-row vocab) with every parameter random
-    (LayerNorm weights and biases included), in eval mode, frozen."""
+    (LayerNorm weights and biases included), in eval mode, frozen; sublayer outputs scaled by `_weigh_sublayers`."""
     torch.manual_seed(seed)
     model = build_base_model(base_config("tiny-chatglm"))
     with torch.no_grad():
@@ -34,10 +35,25 @@ def build_tiny_glm(seed: int = 0, attn: str = "eager", dtype: torch.dtype | None
                 param.copy_(0.1 * torch.randn_like(param))
             else:
                 param.normal_(0, 0.15)
+        _weigh_sublayers(model)
     model.set_attn_implementation(attn)
     if dtype is not None:
         model.to(dtype)
     return model.requires_grad_(False).eval()
+
+
+def _weigh_sublayers(model) -> None:
+    """Scale the attention and MLP output projections by sqrt(28 / 3).
+
+    The official residual scale is sqrt(2·28) at every depth; against it, a random 3-layer model's sublayers
+    would be too weak to matter and the model would just repeat its last token. Scaled so, each block equals
+    a block with residual scale sqrt(2·3) up to one factor that the next LayerNorm removes.
+    """
+    gain = math.sqrt(model.config.residual_alpha_layers / model.config.num_layers)
+    for block in model.transformer.layers:
+        for linear in (block.attention.dense, block.mlp.dense_4h_to_h):
+            linear.weight.mul_(gain)
+            linear.bias.mul_(gain)
 
 
 def train_glm_vocab(folder: Path) -> Path:

@@ -59,6 +59,10 @@ class ChatGLMConfig(PretrainedConfig):
     # The released config leaves this unset, which meant True under transformers 4.x: the head is tied.
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
+    # The official quirk: `modeling_chatglm.py` builds `GLMBlock(..., num_layers=28)` by default and
+    # `ChatGLMModel.get_layer` never passes the model's depth, so the residual scale is sqrt(2·28) = sqrt(56)
+    # at every depth. Equal to `num_layers` for the released model; kept separate so other depths match too.
+    residual_alpha_layers: int = 28
     # P-Tuning v2 (spec §5): read here so an official P-tuning checkpoint's config.json loads; the prefix
     # encoder itself is attached by the ptuning-v2 adapter method (`model.transformer.prefix_encoder`).
     pre_seq_len: int | None = None

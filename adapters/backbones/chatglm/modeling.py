@@ -3,7 +3,7 @@
 Implements `THUDM/chatglm-6b` (code revision of 2023-04-27, weights v1.1) from the spec
 (`specs/chatglm-6b-ptuning-v2.md` §2): fused per-head QKV, 2-D rotary positions, the GLM prefix-LM mask,
 the layer-scaled fp32 softmax, the alpha-scaled residual on the *normalised* input (DeepNorm, alpha =
-sqrt(2·layers)), a tanh-GELU MLP and an output head tied to the word embeddings. Module and parameter
+sqrt(2·28) at every depth, as the official `get_layer` never passes the depth), a tanh-GELU MLP and an output head tied to the word embeddings. Module and parameter
 names reproduce the released keys, so `from_pretrained(folder)` reads the 8 `.bin` shards (transformers 5
 loads them with `torch.load(weights_only=True)`) or safetensors.
 
@@ -150,11 +150,15 @@ class GLU(nn.Module):
 
 
 class GLMBlock(GradientCheckpointingLayer):
-    """DeepNorm-style block: the residual branch is the *normalised* input, scaled by alpha = sqrt(2·layers)."""
+    """DeepNorm-style block: the residual branch is the *normalised* input, scaled by alpha.
+
+    alpha = sqrt(2·config.residual_alpha_layers), i.e. sqrt(56) whatever the depth: the official
+    `GLMBlock(num_layers=28)` default is never overridden by `ChatGLMModel.get_layer`.
+    """
 
     def __init__(self, config: ChatGLMConfig, layer_idx: int):
         super().__init__()
-        self.alpha = math.sqrt(2 * config.num_layers)
+        self.alpha = math.sqrt(2 * config.residual_alpha_layers)
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = ChatGLMAttention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
