@@ -23,3 +23,13 @@ class Example:
     image: Path | None = None
     caption: bool = False
     """A caption sample: rendered with the caption instruction, trains the caption stage in mixed runs."""
+
+
+def check_encodable(value: str, field: str) -> None:
+    """Refuse a string no tokenizer can encode: JSON may spell half a UTF-16 pair ("\\ud800")."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"field {field!r} holds a lone surrogate ({value[error.start]!a}), not text") from None

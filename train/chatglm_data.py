@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmadapter.core.encoding import IGNORE_INDEX
+from mmadapter.core.examples import check_encodable
 from mmadapter.core.templates import chatglm_rounds
 
 
@@ -83,6 +84,7 @@ def _string(row: dict[str, Any], column: str) -> str:
         return ""
     if not isinstance(value, str):
         raise ValueError(f"column {column!r} must be a string, got {type(value).__name__}")
+    check_encodable(value, column)
     return value
 
 
@@ -96,6 +98,8 @@ def _history(row: dict[str, Any], column: str) -> tuple[tuple[str, str], ...]:
     for i, pair in enumerate(value):
         if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
             raise ValueError(f"{column}[{i}] must be a [question, answer] pair of strings, got {pair!r}")
+        for text in pair:
+            check_encodable(text, f"{column}[{i}]")
         turns.append((pair[0], pair[1]))
     return tuple(turns)
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mmadapter.core.examples import DataError, Example
+from mmadapter.core.examples import DataError, Example, check_encodable
 from mmadapter.train.chatglm_data import ChatGLMDataConfig, ChatGLMRow, MalformedRowError, parse_row
 
 #: Roles accepted in conversation files, mapped to user / assistant.
@@ -113,6 +113,7 @@ def _text(row: dict[str, Any], field: str, *, required: bool = True, default: st
         raise DataError(f"field {field!r} must be a string, got {type(value).__name__}")
     if required and not value.strip():
         raise DataError(f"field {field!r} is empty")
+    check_encodable(value, field)
     return value
 
 

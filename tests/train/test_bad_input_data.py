@@ -227,3 +227,15 @@ def test_an_unknown_top_level_key_lists_the_stage_defaults_too(make_recipe):
     assert (
         str(error.value) == "trian: unknown key 'trian' (known: model, adapter, stages, output_dir, name, train, data)"
     )
+
+
+@pytest.mark.parametrize("format", sorted(ROWS))
+def test_a_lone_surrogate_costs_its_line_and_names_it(tmp_path, format):
+    """JSON may spell half a UTF-16 pair ("\\ud800"); no tokenizer can encode it, so it is a bad row, named."""
+    good = json.dumps(ROWS[format])
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([good, good.replace("what", "\\ud800what"), good]) + "\n")
+    examples, bad_samples = split(read_examples(format, path))
+    assert [e.source for e in examples] == [f"{path}:1", f"{path}:3"]
+    assert len(bad_samples) == 1 and bad_samples[0].startswith(f"{path}:2: ")
+    assert "lone surrogate ('\\ud800')" in bad_samples[0]
