@@ -109,7 +109,17 @@ def generation_scores(
     device = next(model.parameters()).device
     sampling = {"do_sample": False} if greedy else OFFICIAL_SAMPLING
     for source in sources:
-        examples = [e for e in read_examples(source.format, source.path, source.images, source.options, limit)]
+        examples = [
+            e
+            for e in read_examples(
+                source.format,
+                source.path,
+                source.images,
+                source.options,
+                limit,
+                allow_outside_root=source.allow_outside_root,
+            )
+        ]
         for example in tqdm(examples, desc=f"generating {Path(source.path).name}", leave=False):
             if not isinstance(example, Example) or example.image is not None:
                 continue
