@@ -53,7 +53,7 @@ def _official_v1(args: argparse.Namespace) -> str:
 
 
 def _official_v2(args: argparse.Namespace) -> str:
-    """Released LLaMA-Adapter V2 multimodal `.pth` (BIAS-7B, LORA-BIAS-7B) -> mmadapter adapter folder."""
+    """Released LLaMA-Adapter V2 `.pth` (multimodal BIAS-7B / LORA-BIAS-7B, or chat-65B) -> mmadapter adapter folder."""
     # Imported on use, not at the top: the command line starts without loading what other commands need.
     from mmadapter.adapters.io.official_v2 import convert_official_v2_file
 
@@ -80,7 +80,8 @@ CONVERTERS = {
     "meta-llama": ("Meta-layout LLaMA (consolidated.*.pth + params.json) to Hugging Face layout", _meta_llama),
     "official-v1": ("released LLaMA-Adapter V1 .pth to an mmadapter adapter folder", _official_v1),
     "official-v2": (
-        "released LLaMA-Adapter V2 multimodal .pth (BIAS-7B, LORA-BIAS-7B) to an mmadapter adapter folder",
+        "released LLaMA-Adapter V2 .pth to an mmadapter adapter folder: multimodal (BIAS-7B, LORA-BIAS-7B) or "
+        "chat-65B bias/scale/norm (--base llama-65b), told apart by the keys",
         _official_v2,
     ),
     "clip-tower": (

@@ -22,6 +22,28 @@ CHAT65B_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
+#: The example exchange built into the official chat demo's conversation template `v1`
+#: (`llama_adapter_v2_chat65b/conversation.py`: `conv_templates["v1"]` is `conv_v1_2`), between the
+#: system text and the user's turns of every prompt. The spec (llama-adapter.md §4) only says it exists.
+CHAT65B_EXAMPLE: tuple[str, str] = (
+    "What are the key differences between renewable and non-renewable energy sources?",
+    "Renewable energy sources are those that can be replenished naturally in a relatively short amount of time, "
+    "such as solar, wind, hydro, geothermal, and biomass. Non-renewable energy sources, on the other hand, are "
+    "finite and will eventually be depleted, such as coal, oil, and natural gas. Here are some key differences "
+    "between renewable and non-renewable energy sources:\n"
+    "1. Availability: Renewable energy sources are virtually inexhaustible, while non-renewable energy sources "
+    "are finite and will eventually run out.\n"
+    "2. Environmental impact: Renewable energy sources have a much lower environmental impact than non-renewable "
+    "sources, which can lead to air and water pollution, greenhouse gas emissions, and other negative effects.\n"
+    "3. Cost: Renewable energy sources can be more expensive to initially set up, but they typically have lower "
+    "operational costs than non-renewable sources.\n"
+    "4. Reliability: Renewable energy sources are often more reliable and can be used in more remote locations "
+    "than non-renewable sources.\n"
+    "5. Flexibility: Renewable energy sources are often more flexible and can be adapted to different situations "
+    "and needs, while non-renewable sources are more rigid and inflexible.\n"
+    "6. Sustainability: Renewable energy sources are more sustainable over the long term, while non-renewable "
+    "sources are not, and their depletion can lead to economic and social instability.\n",
+)
 
 #: A finished exchange: (user message, assistant reply).
 Turn = tuple[str, str]
@@ -51,9 +73,10 @@ def chatglm_prompt(instruction: str, input: str = "", history: Sequence[Turn] = 
 
 
 def chat65b_prompt(instruction: str, input: str = "", history: Sequence[Turn] = ()) -> str:
-    """The V2 chat-65B conversation format (`###` separated Human/Assistant turns)."""
+    """The V2 chat-65B demo's prompt (`Conversation.get_prompt`, separator `###`): the system text, the
+    template's built-in example exchange, the earlier turns, then the open "Assistant:" turn."""
     query = f"{instruction}\n{input}" if input else instruction
-    turns = "".join(f"Human: {q}###Assistant: {a}###" for q, a in history)
+    turns = "".join(f"Human: {q}###Assistant: {a}###" for q, a in (CHAT65B_EXAMPLE, *history))
     return f"{CHAT65B_SYSTEM}###{turns}Human: {query}###Assistant:"
 
 
