@@ -88,7 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.recipe is None:
         from mmadapter.train.checkpointing import RECIPE_FILE, find_checkpoint
 
-        checkpoint = find_checkpoint(args.resume)
+        checkpoint = find_checkpoint(args.resume).checkpoint  # train() says which damaged ones it skips
         recipe = load_recipe(checkpoint / RECIPE_FILE, overrides)
         if "output_dir" not in overrides:  # the run's folder, wherever it was started from
             recipe.output_dir = str(checkpoint.parent.parent)

@@ -34,12 +34,12 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmadapter.train.checkpointing import CHECKPOINTS, RECIPE_FILE, find_checkpoint, load_checkpoint, read_trainer_state
+from mmadapter.train.checkpointing import CHECKPOINTS, RECIPE_FILE, find_checkpoint, read_trainer_state
 from mmadapter.train.loss import evaluate
 from mmadapter.train.recipe import Recipe, StageSection, dump_recipe
 from mmadapter.train.reporting import flat_hparams
-from mmadapter.train.resume import ResumeState, save_training_state
-from mmadapter.train.setup import StageSetup, build_model, make_accelerator, setup_stage
+from mmadapter.train.resume import ResumeState, resume_from, save_training_state
+from mmadapter.train.setup import StageSetup, build_model, check_input_paths, make_accelerator, setup_stage
 from mmadapter.train.state import Progress, Run, TrainingStopped, TrainResult
 from mmadapter.train.step import StepStats, accumulate_gradients, check_step, step_batches
 from mmadapter.train.summary import Window, log, run_summary, save_outputs, stage_summary
@@ -64,20 +64,18 @@ def train(
     loading them from `recipe.model`; `on_log` receives every logged record (step, loss, lr, …).
     """
     output_dir = Path(recipe.output_dir)
-    checkpoint = find_checkpoint(resume) if resume is not None else None
-    if checkpoint is None and any((output_dir / CHECKPOINTS).glob("ckpt-*")):
+    check_input_paths(recipe, model_given=model is not None, tokenizer_given=tokenizer is not None)
+    point = find_checkpoint(resume) if resume is not None else None
+    if point is None and any((output_dir / CHECKPOINTS).glob("ckpt-*")):
         raise ValueError(
             f"{output_dir} already has checkpoints: continue with --resume {output_dir}, or pick another output_dir"
         )
     accelerator = make_accelerator(recipe, output_dir)
-    progress = Progress(**read_trainer_state(checkpoint)) if checkpoint else Progress()
+    progress = Progress(**read_trainer_state(point.checkpoint)) if point else Progress()
     set_seed(recipe.stages[0].train.seed)  # before attaching, so the adapter's initialisation is reproducible
     model, tokenizer = build_model(recipe, model, tokenizer)
     run = Run(recipe, accelerator, model, tokenizer, output_dir, on_log)
-    resume_state = None
-    if checkpoint is not None:
-        run.print(f"resuming from {checkpoint} (stage {progress.stage_index + 1}, step {progress.step})")
-        resume_state = load_checkpoint(checkpoint, model, accelerator.process_index)
+    resume_state = resume_from(run, point, progress) if point is not None else None
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RECIPE_FILE).write_text(dump_recipe(recipe))
@@ -128,31 +126,33 @@ def run_steps(run: Run, stage: StageSection, setup: StageSetup, progress: Progre
     """Optimizer steps until the stage's last; a log record, an evaluation, a checkpoint when due (the
     last step always logs and evaluates; its checkpoint is the one at the stage's end)."""
     accelerator, config, total = run.accelerator, stage.train, setup.schedule.total_steps
-    bar = tqdm(total=total, initial=progress.step, desc=stage.name, disable=not accelerator.is_local_main_process)
-    steps = step_batches(
-        setup.dataset, setup.collate, stage, progress, accelerator.num_processes, accelerator.process_index
-    )
-    window = Window()
-    setup.loss_module.train()
-    while progress.step < total:
-        started = time.perf_counter()
-        batches, epoch, micro_batch = next(steps)
-        stats = accumulate_gradients(accelerator, setup.loss_module, batches, setup.route)
-        check_step(run, stage, progress, stats, setup.bad, len(setup.dataset), epoch)
-        lr, grad_norm = optimizer_step(accelerator, setup, config.grad_clip, stats)
-        seconds = time.perf_counter() - started
-        progress.step_done(epoch, micro_batch, stats.tokens, seconds)
-        window.add(stats, seconds)
-        bar.update(1)
+    # `with`: the bar is closed on an error too, so the error's message starts a line of its own.
+    with tqdm(
+        total=total, initial=progress.step, desc=stage.name, disable=not accelerator.is_local_main_process
+    ) as bar:
+        steps = step_batches(
+            setup.dataset, setup.collate, stage, progress, accelerator.num_processes, accelerator.process_index
+        )
+        window = Window()
+        setup.loss_module.train()
+        while progress.step < total:
+            started = time.perf_counter()
+            batches, epoch, micro_batch = next(steps)
+            stats = accumulate_gradients(accelerator, setup.loss_module, batches, setup.route)
+            check_step(run, stage, progress, stats, setup.bad, len(setup.dataset), epoch)
+            lr, grad_norm = optimizer_step(accelerator, setup, config.grad_clip, stats)
+            seconds = time.perf_counter() - started
+            progress.step_done(epoch, micro_batch, stats.tokens, seconds)
+            window.add(stats, seconds)
+            bar.update(1)
 
-        last = progress.step == total
-        if progress.step % config.log_every == 0 or last:
-            log_window(run, progress, window.record(stage.name, progress, lr, grad_norm), bar)
-        if setup.eval_set is not None and ((config.eval_every and progress.step % config.eval_every == 0) or last):
-            evaluate_stage(run, stage, setup, progress)
-        if config.save_every and progress.step % config.save_every == 0 and not last:
-            save_training_state(run, stage, progress, setup.optimizer, setup.scheduler)
-    bar.close()
+            last = progress.step == total
+            if progress.step % config.log_every == 0 or last:
+                log_window(run, progress, window.record(stage.name, progress, lr, grad_norm), bar)
+            if setup.eval_set is not None and ((config.eval_every and progress.step % config.eval_every == 0) or last):
+                evaluate_stage(run, stage, setup, progress)
+            if config.save_every and progress.step % config.save_every == 0 and not last:
+                save_training_state(run, stage, progress, setup.optimizer, setup.scheduler)
 
 
 def optimizer_step(

@@ -7,12 +7,22 @@ position (`Progress`); the files themselves are checkpointing.py's.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import torch
 from accelerate import Accelerator
 from torch.optim.lr_scheduler import LRScheduler
 
-from mmadapter.train.checkpointing import gathered_adapter, is_sharded, save_checkpoint, set_rng_state
+from mmadapter.train.checkpointing import (
+    CHECKPOINTS,
+    ResumePoint,
+    gathered_adapter,
+    is_sharded,
+    load_checkpoint,
+    partial_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
 from mmadapter.train.recipe import StageSection, dump_recipe
 from mmadapter.train.state import Progress, Run
 
@@ -51,6 +61,19 @@ def save_training_state(
         keep=stage.train.keep_checkpoints,
     )
     run.print(f"checkpoint: {path}")
+
+
+def resume_from(run: Run, point: ResumePoint, progress: Progress) -> ResumeState:
+    """Load the checkpoint a run continues from, after saying which damaged newer ones were passed over
+    and removing checkpoints a killed run left half-written (the run writes its own again)."""
+    for skipped in point.skipped:
+        run.print(f"note: skipped {skipped}")
+    if run.accelerator.is_main_process:
+        for partial in partial_checkpoints(run.output_dir / CHECKPOINTS):
+            shutil.rmtree(partial)
+            run.print(f"note: removed {partial.name}, a checkpoint left half-written")
+    run.print(f"resuming from {point.checkpoint} (stage {progress.stage_index + 1}, step {progress.step})")
+    return load_checkpoint(point.checkpoint, run.model, run.accelerator.process_index)
 
 
 def restore_training_state(

@@ -36,7 +36,7 @@ from mmadapter.train.batching import epoch_batches, steps_per_epoch
 from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, load_samples, sample_kinds
 from mmadapter.train.loss import TokenLoss
 from mmadapter.train.multimodal import image_loader_for
-from mmadapter.train.recipe import Recipe, StageSection, TrainSection
+from mmadapter.train.recipe import ModelSection, Recipe, StageSection, TrainSection
 from mmadapter.train.reporting import tracker_for
 from mmadapter.train.resume import ResumeState, restore_training_state
 from mmadapter.train.schedule import make_scheduler
@@ -96,16 +96,59 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available()  # pragma: no cover - torch < 2.6
 
 
+def check_input_paths(recipe: Recipe, *, model_given: bool, tokenizer_given: bool) -> None:
+    """Refuse a path that cannot work (a built-in recipe's placeholder, a typo) before anything heavy
+    loads, naming the recipe key to set; a given model or tokenizer needs no path."""
+    if not model_given:
+        check_base_path(recipe.model.base)
+    if not tokenizer_given:
+        check_tokenizer_path(recipe.model)
+    check_data_paths(recipe)
+
+
+def check_base_path(base: str) -> None:
+    """A preset or a folder (Hugging Face or Meta layout); anything else would reach transformers as a hub id."""
+    if base not in BASE_PRESETS and not Path(base).is_dir():
+        raise FileNotFoundError(
+            f"model.base: {base} is neither a preset ({', '.join(sorted(BASE_PRESETS))}) nor a folder; "
+            "set it to the base model folder (--set model.base=PATH)"
+        )
+
+
+def check_tokenizer_path(section: ModelSection) -> None:
+    """The tokenizer folder is `model.tokenizer`, else the base folder (a preset has none)."""
+    folder = section.tokenizer or section.base
+    if folder in BASE_PRESETS:
+        raise ValueError(
+            f"model.tokenizer: base {folder!r} is a preset without a tokenizer; "
+            "set a tokenizer folder (--set model.tokenizer=PATH)"
+        )
+    if not Path(folder).is_dir():
+        shown = folder if section.tokenizer else f"{folder} (model.base: model.tokenizer is not set)"
+        raise FileNotFoundError(
+            f"model.tokenizer: {shown} is not a folder; set it to the tokenizer folder (--set model.tokenizer=PATH)"
+        )
+
+
+def check_data_paths(recipe: Recipe) -> None:
+    """Every data file of every stage exists (keys as `--set` takes them: stages.N. only in multi-stage runs)."""
+    for i, stage in enumerate(recipe.stages):
+        prefix = f"stages.{i}." if len(recipe.stages) > 1 else ""
+        sources = [("train", j, s) for j, s in enumerate(stage.data.train)]
+        sources += [("eval", j, s) for j, s in enumerate(stage.data.eval)]
+        for split, j, source in sources:
+            key = f"{prefix}data.{split}.{j}.path"
+            if not Path(source.path).is_file():
+                problem = "is a folder, not a data file" if Path(source.path).is_dir() else "not found"
+                raise FileNotFoundError(f"{key}: {source.path} {problem}; set it to the data file (--set {key}=PATH)")
+
+
 def build_model(recipe: Recipe, model: nn.Module | None, tokenizer: Any) -> tuple[nn.Module, Any]:
-    """The base model with the recipe's adapter attached (or `init_from`'s weights), and its tokenizer."""
+    """The base model with the recipe's adapter attached (or `init_from`'s weights), and its tokenizer
+    (paths checked by `check_input_paths`)."""
     section = recipe.model
     if tokenizer is None:
-        folder = section.tokenizer or section.base
-        if folder in BASE_PRESETS:
-            raise ValueError(
-                f"model.tokenizer: base {folder!r} is a preset without a tokenizer; set a tokenizer folder"
-            )
-        tokenizer = load_tokenizer(folder)
+        tokenizer = load_tokenizer(section.tokenizer or section.base)
     if model is None:
         model = load_base_model(section.base, dtype=section.dtype, attn_implementation=section.attn_implementation)
     if getattr(model, "adapter_config", None) is None:

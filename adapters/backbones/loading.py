@@ -90,6 +90,8 @@ def load_base_model(
 def load_tokenizer(base: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer stored with a model folder (Meta layout: `tokenizer.model` here or one level up)."""
     folder = Path(base)
+    if not folder.is_dir():  # else transformers takes it for a hub repo id and fails on its form
+        raise FileNotFoundError(f"{folder}: no such tokenizer folder")
     config_file = folder / "config.json"
     model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
     if model_type in TOKENIZER_LOADERS:
