@@ -35,9 +35,10 @@ def _command_lines() -> list[tuple[str, str]]:
     for where, block in _blocks(("bash", "console", "sh")):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.removeprefix("$ ").split("  #")[0].strip()
-            for part in line.split("&&"):
-                if part.strip().startswith("mmadapter "):
-                    lines.append((where, part.strip()))
+            for part in re.split(r"&&|\|", line):
+                part = re.sub(r"\s[12]?>.*$", "", part).strip()  # a redirection is the shell's, not ours
+                if part.startswith("mmadapter "):
+                    lines.append((where, part))
     return lines
 
 
