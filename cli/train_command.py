@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmadapter.cli.options import parse_assignments
+from mmadapter.cli.options import announce_loading, parse_assignments
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -94,6 +94,7 @@ def run_train(args: argparse.Namespace) -> int:
             recipe.output_dir = str(checkpoint.parent.parent)
     else:
         recipe = load_recipe(args.recipe, overrides)
+    announce_loading()  # the recipe is checked; what follows imports torch and loads models
 
     from accelerate import PartialState
 
@@ -122,6 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    announce_loading()
     # Imported on use, not at the top: the command line starts without loading what other commands need.
     from mmadapter.train.evaluate import generation_scores, load_for_eval, loss_and_perplexity
     from mmadapter.train.recipe import DataSection, DataSource, build_section

@@ -33,7 +33,14 @@ from mmadapter.adapters.methods.base import (
 from mmadapter.adapters.methods.report import format_report, parameter_report
 from mmadapter.core.examples import DataError
 from mmadapter.train.batching import epoch_batches, steps_per_epoch
-from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, load_samples, sample_kinds
+from mmadapter.train.data import (
+    BadSampleLog,
+    Collator,
+    SupervisedDataset,
+    check_token_ids,
+    load_samples,
+    sample_kinds,
+)
 from mmadapter.train.loss import TokenLoss
 from mmadapter.train.multimodal import image_loader_for
 from mmadapter.train.recipe import ModelSection, Recipe, StageSection, TrainSection
@@ -259,7 +266,8 @@ def load_stage_data(
 ) -> tuple[SupervisedDataset, SupervisedDataset | None, BadSampleLog]:
     """(training set, eval set or None, bad-sample log) of a stage, images checked or cached up front.
 
-    Every row is read, validated and tokenized now; images load per batch.
+    Every row is read, validated and tokenized now, its token ids checked against the base model's
+    embedding and its image's header read; images decode per batch.
     """
     accelerator, data = run.accelerator, stage.data
     bad = BadSampleLog(data.on_bad_sample, data.max_bad_fraction)
@@ -268,6 +276,8 @@ def load_stage_data(
     eval_samples = samples[: data.eval_from_train]
     if data.eval:
         eval_samples += load_samples(data.eval, run.tokenizer, data, kinds, stage.trains, bad, show_progress=show)
+    rows = run.model.get_input_embeddings().num_embeddings
+    check_token_ids(samples + eval_samples, run.tokenizer, pad_token_id(run.tokenizer), rows)
     loader = eval_loader = None
     with_images = list({s.source: s for s in samples + eval_samples if s.image is not None}.values())
     if with_images:
