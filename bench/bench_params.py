@@ -1,4 +1,5 @@
-"""Trainable-parameter counts of every method and preset at 7B/13B/33B/65B and ChatGLM-6B, next to the papers'.
+"""Trainable-parameter counts of every method and preset at LLaMA 7B/13B/33B/65B, Llama 3.1 8B/70B, Mistral 7B,
+Qwen2.5-7B, Qwen3-8B and ChatGLM-6B, next to the papers'.
 
 Counted the way `mmadapter info` counts (`mmadapter.adapters.methods.report.parameter_report` on a model built on
 the meta device: no weights, no memory), so a 65B row takes a second. Rows whose method and base do not
@@ -20,7 +21,18 @@ from pathlib import Path
 
 from benchlib import RESULTS, write_results
 
-BASES = ("llama-7b", "llama-13b", "llama-33b", "llama-65b", "chatglm-6b")
+BASES = (
+    "llama-7b",
+    "llama-13b",
+    "llama-33b",
+    "llama-65b",
+    "llama3-8b",
+    "llama3-70b",
+    "mistral-7b",
+    "qwen2.5-7b",
+    "qwen3-8b",
+    "chatglm-6b",
+)
 #: (base, method, preset, stage) -> the published count.
 PAPER = {
     ("llama-7b", "llama-adapter-v1", "alpaca", None): (1_229_760, "V1 paper / README: 1.2M"),

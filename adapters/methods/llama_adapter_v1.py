@@ -12,7 +12,7 @@ import dataclasses
 from torch import nn
 
 from mmadapter.adapters.methods.base import AdapterConfig, AdapterMethod, register_method
-from mmadapter.adapters.methods.prompt_attention import add_gated_prompt, use_prompt_attention
+from mmadapter.adapters.methods.prompt_attention import add_gated_prompt, check_prompt_support, use_prompt_attention
 from mmadapter.core.config import Bool, Int
 
 
@@ -53,6 +53,7 @@ class LlamaAdapterV1(AdapterMethod):
 
     @classmethod
     def attach(cls, model: nn.Module, config: LlamaAdapterV1Config) -> None:
+        check_prompt_support(model, cls.name)
         layers = decoder_layers(model)
         for index in adapted_layer_indices(len(layers), config.adapted_layers):
             add_gated_prompt(layers[index].self_attn, config.prompt_length, gate_tanh=config.gate_tanh)

@@ -9,7 +9,7 @@ difference is configuration and both are presets:
 - bias / scale on chosen linears of every block (`mmadapter.adapters.methods.bias_scale`), scale on the
   input side (released chat-65B) or output side (paper), optional LoRA on the same linears
   through peft with alpha = r (the released LORA-BIAS layout: no scaling, no dropout);
-- all RMSNorm weights trainable;
+- all RMSNorm weights trainable (Qwen3's per-head q/k norms too);
 - visual fusion: a frozen CLIP (`model.vision_encoder`, never saved) and a trainable projector
   (`model.visual_projector`, saved with the adapter) turn an image into a visual prompt (B, K, D)
   that is added to the prompts of all adapted layers (released) or of the first one only (paper's
@@ -43,7 +43,13 @@ from mmadapter.adapters.methods.bias_scale import (
     unmerge_linear,
 )
 from mmadapter.adapters.methods.llama_adapter_v1 import decoder_layers
-from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG, add_gated_prompt, use_prompt_attention
+from mmadapter.adapters.methods.prompt_attention import (
+    PROMPT_FAMILIES,
+    VISUAL_PROMPT_KWARG,
+    add_gated_prompt,
+    check_prompt_support,
+    use_prompt_attention,
+)
 from mmadapter.core.config import Bool, Float, Int
 from mmadapter.vision.clip_encoder import FrozenCLIPEncoder
 from mmadapter.vision.projector import VisualProjectorV1, VisualProjectorV2
@@ -79,7 +85,12 @@ PROMPTER_ATTRIBUTE = "visual_prompter"
 LORA_ADAPTER_NAME = "default"
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_NORM_SUFFIXES = (".input_layernorm.weight", ".post_attention_layernorm.weight")
+_NORM_SUFFIXES = (
+    ".input_layernorm.weight",
+    ".post_attention_layernorm.weight",
+    ".self_attn.q_norm.weight",
+    ".self_attn.k_norm.weight",
+)
 _FINAL_NORM = "model.norm.weight"
 _ALL_LINEARS = tuple(LINEAR_PATHS)
 
@@ -245,6 +256,32 @@ def parameter_group(name: str, config: LlamaAdapterV2Config) -> str | None:
     return None
 
 
+def _missing_linears(model: nn.Module) -> list[str]:
+    """The `LINEAR_PATHS` that some decoder block lacks (all of them without transformers' `layers`)."""
+    layers = getattr(model.get_decoder(), "layers", None) or ()
+    return [path for path in LINEAR_PATHS.values() if not layers or not all(_has(layer, path) for layer in layers)]
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def check_v2_support(model: nn.Module, config: LlamaAdapterV2Config) -> None:
+    """Refuse, naming what is missing, a model without the Llama-style blocks V2 adapts."""
+    if config.has_prompts:
+        check_prompt_support(model, LlamaAdapterV2.name)
+    missing = _missing_linears(model)
+    if missing:
+        raise ValueError(
+            f"model_type {model.config.model_type!r}: llama-adapter-v2 needs the linears {', '.join(missing)} in "
+            f"every block of `get_decoder().layers`; supported: {', '.join(PROMPT_FAMILIES)}"
+        )
+
+
 def _lora_target_pattern(linears: tuple[str, ...]) -> str:
     """A regex peft matches against full module names: only the decoder's own linears."""
     paths = "|".join(re.escape(LINEAR_PATHS[short]) for short in linears)
@@ -399,6 +436,7 @@ class LlamaAdapterV2(AdapterMethod):
 
     @classmethod
     def attach(cls, model: nn.Module, config: LlamaAdapterV2Config) -> None:
+        check_v2_support(model, config)
         layers = decoder_layers(model)
         if config.has_prompts and config.first_adapted_layer >= len(layers):
             raise ValueError(

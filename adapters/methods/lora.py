@@ -27,6 +27,9 @@ from mmadapter.core.config import Float, Int
 #: model_type -> modules LoRA adapts when `target_modules` is None: the one table of defaults.
 DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
     "chatglm": ("query_key_value",),
 }
 

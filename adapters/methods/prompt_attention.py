@@ -6,7 +6,9 @@ also attend to K learned prompt vectors P. Per head, with the layer's own (froze
     O = softmax(Q Kt^T / sqrt(d) + mask) Vt  +  g * softmax(Q Kp^T / sqrt(d)) Vp,
     Kp = P Wk, Vp = P Wv   (no RoPE on prompt keys, no mask, a separate softmax)
 
-and g = tanh(gate) starts at zero, so the adapted model starts as the base model exactly.
+and g = tanh(gate) starts at zero, so the adapted model starts as the base model exactly. Prompt
+keys and values take the layer's own key/value path except RoPE: projection biases (Qwen2) and a
+per-head key norm (Qwen3's `k_norm`, applied to every key before RoPE) included.
 
 transformers 5 calls a registered attention function with the query *after* RoPE, so the prompt
 branch is added there, before `o_proj`, without recomputing the query (DESIGN §3). Parameters
@@ -18,6 +20,7 @@ base checkpoints still load by their usual names; everything else the branch nee
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 
 import torch
@@ -31,8 +34,23 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 #: Keyword argument of the model's forward that carries per-sample visual prompts (B, K, D).
 VISUAL_PROMPT_KWARG = "adapter_visual_prompt"
 _PREFIX = "mmadapter_"
-_KERNELS: dict[str, Callable] = {"sdpa": sdpa_attention_forward, "eager": eager_attention_forward}
 STATE_ATTRIBUTE = "adapter_prompt_state"
+#: model_types whose prompt attention is tested against a plain reference forward (tests/adapters/test_families.py).
+PROMPT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+def _own_eager_kernel(module: nn.Module) -> Callable:
+    """The eager kernel of the module's own modeling file (it may do more than Llama's, e.g. Gemma 2's logit
+    soft-capping), so "eager" keeps the base model's arithmetic on every family; Llama's where the file has none."""
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", eager_attention_forward)
+
+
+#: Kernel name -> the kernel an attention module runs under it: transformers' sdpa, or the model file's eager.
+_KERNELS: dict[str, Callable[[nn.Module], Callable]] = {
+    "sdpa": lambda module: sdpa_attention_forward,
+    "eager": _own_eager_kernel,
+}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,6 +78,40 @@ class GatedPromptState:
 def prompt_state(attention: nn.Module) -> GatedPromptState | None:
     """The attention module's prompt state, or None where no prompt is attached."""
     return getattr(attention, STATE_ATTRIBUTE, None)
+
+
+def _decoder_attentions(model: nn.Module) -> list[nn.Module | None]:
+    """Each decoder block's `self_attn` (None where a block has none); empty without transformers' `layers`."""
+    layers = getattr(model.get_decoder(), "layers", None) or ()
+    return [getattr(layer, "self_attn", None) for layer in layers]
+
+
+def _support_problems(model: nn.Module) -> list[str]:
+    """What `model` lacks for gated prompts inside its attention (empty: it can take them)."""
+    problems = []
+    attentions = _decoder_attentions(model)
+    if not attentions or not all(a is not None and all(hasattr(a, p) for p in _PROJECTIONS) for a in attentions):
+        problems.append("q_proj/k_proj/v_proj attention modules (`self_attn` in every block of `get_decoder().layers`)")
+    elif any(_whole_projection_norm(attention) for attention in attentions):
+        problems.append("a per-head k_norm (this model normalises the whole key projection)")
+    if not getattr(model, "_supports_attention_backend", False):
+        problems.append("transformers' attention-function registry")
+    return problems
+
+
+def _whole_projection_norm(attention: nn.Module) -> bool:
+    norm = getattr(attention, "k_norm", None)
+    return norm is not None and norm.weight.shape[-1] != attention.head_dim
+
+
+def check_prompt_support(model: nn.Module, method: str) -> None:
+    """Refuse, naming what is missing, a model whose attention cannot take LLaMA-Adapter prompts."""
+    problems = _support_problems(model)
+    if problems:
+        raise ValueError(
+            f"model_type {model.config.model_type!r}: {method} needs {' and '.join(problems)}; "
+            f"supported: {', '.join(PROMPT_FAMILIES)}"
+        )
 
 
 def add_gated_prompt(
@@ -92,8 +144,10 @@ def prompt_key_values(
     state = prompt_state(attention)
     fuse = visual_prompt is not None and state.fuse_visual
     grad = torch.is_grad_enabled()
+    k_norm = getattr(attention, "k_norm", None)
     if not grad:
         weights = [attention.adapter_prompt, *attention.k_proj.parameters(), *attention.v_proj.parameters()]
+        weights += [] if k_norm is None else list(k_norm.parameters())
         signature = (_tensor_signature(weights), dtype, fuse)
         cached = state.cache
         if cached is not None and cached.signature == signature and (not fuse or cached.visual_prompt is visual_prompt):
@@ -105,7 +159,10 @@ def prompt_key_values(
     head_dim = attention.head_dim
     # Through the frozen projections only: a peft LoRA wrapper's update does not apply to prompts (spec §3.3).
     k_proj, v_proj = (getattr(p, "base_layer", p) for p in (attention.k_proj, attention.v_proj))
-    keys = k_proj(prompt).view(batch, length, -1, head_dim).transpose(1, 2)
+    keys = k_proj(prompt).view(batch, length, -1, head_dim)
+    if k_norm is not None:  # Qwen3: every key is normalised per head before RoPE, so the prompt keys are too
+        keys = k_norm(keys)
+    keys = keys.transpose(1, 2)
     values = v_proj(prompt).view(batch, length, -1, head_dim).transpose(1, 2)
     if not grad:
         state.cache = PromptKeyValues(signature, visual_prompt if fuse else None, keys, values)
@@ -130,7 +187,7 @@ def gated_prompt_output(
     return output.transpose(1, 2)
 
 
-def _with_prompt_branch(kernel: Callable) -> Callable:
+def _with_prompt_branch(name: str) -> Callable:
     def attention_forward(
         module: nn.Module,
         query: torch.Tensor,
@@ -140,7 +197,7 @@ def _with_prompt_branch(kernel: Callable) -> Callable:
         **kwargs,
     ):
         visual_prompt = kwargs.pop(VISUAL_PROMPT_KWARG, None)
-        output, weights = kernel(module, query, key, value, attention_mask, **kwargs)
+        output, weights = _KERNELS[name](module)(module, query, key, value, attention_mask, **kwargs)
         if getattr(module, "adapter_prompt", None) is not None:
             output = output + gated_prompt_output(module, query, visual_prompt)
         return output, weights
@@ -148,8 +205,8 @@ def _with_prompt_branch(kernel: Callable) -> Callable:
     return attention_forward
 
 
-for _name, _kernel in _KERNELS.items():
-    ALL_ATTENTION_FUNCTIONS.register(_PREFIX + _name, _with_prompt_branch(_kernel))
+for _name in _KERNELS:
+    ALL_ATTENTION_FUNCTIONS.register(_PREFIX + _name, _with_prompt_branch(_name))
     # Without a mask function under the same name transformers silently drops padding masks.
     ALL_MASK_ATTENTION_FUNCTIONS.register(_PREFIX + _name, ALL_MASK_ATTENTION_FUNCTIONS[_name])
 

@@ -14,6 +14,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from mmadapter.adapters.backbones.presets import MODEL_CLASSES
 from mmadapter.adapters.methods.base import AdapterConfig, AdapterMethod, register_method
 from mmadapter.adapters.methods.prefix_cache import attach_prefix_to_decoder
 from mmadapter.adapters.methods.prefix_encoder import PrefixEncoder
@@ -73,6 +74,15 @@ def build_prefix_encoder(model_config, config: PTuningV2Config, device: torch.de
         ).float()
 
 
+def check_prefix_support(model: nn.Module) -> None:
+    """Refuse, naming what is missing, a model whose decoder cannot take prefixes through the KV cache."""
+    if not isinstance(getattr(model.get_decoder(), "layers", None), nn.ModuleList):
+        raise ValueError(
+            f"model_type {model.config.model_type!r}: ptuning-v2 needs a transformers decoder with its blocks in "
+            f"`get_decoder().layers`, reading past_key_values as a Cache; supported: {', '.join(sorted(MODEL_CLASSES))}"
+        )
+
+
 def prefix_encoder_of(model: nn.Module) -> PrefixEncoder:
     """The attached encoder, wherever the architecture hosts it."""
     for name, module in model.named_modules():
@@ -94,10 +104,13 @@ class PTuningV2(AdapterMethod):
 
     @classmethod
     def attach(cls, model: nn.Module, config: PTuningV2Config) -> None:
+        chatglm = model.config.model_type == "chatglm"
+        if not chatglm:
+            check_prefix_support(model)
         device = next(model.parameters()).device
         # Follow the model's mode: a fresh module is in training mode, which would apply dropout in eval.
         encoder = build_prefix_encoder(model.config, config, device).train(model.training)
-        if model.config.model_type == "chatglm":
+        if chatglm:
             # The ChatGLM backbone calls `transformer.prefix_encoder(batch)` itself and owns mask/positions.
             model.transformer.prefix_encoder = encoder
         else:

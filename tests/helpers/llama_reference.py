@@ -6,6 +6,10 @@ gates), V2's bias/scale/LoRA on the linears and visual prompt added to the promp
 Meta's interleaved or HF's half-split layout, the official visual projector (clip_proj -> LN -> [query; tokens]
 -> ViT blocks -> first K -> visual_proj -> LN) and CLIP's all-token features are spelled out with torch
 primitives. `llama_logits` reads Meta-named tensors (official files); `hf_llama_logits` reads a transformers model.
+
+The same forward covers the Llama-style families: Llama 3.1's RoPE frequency scaling (`llama3_inv_freq`),
+Mistral's sliding window, Qwen2's q/k/v biases and Qwen3's per-head q/k norms and explicit head size. Prompt
+keys and values go through the layer's key/value path without RoPE: biases and the key norm included.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ def layer_norm(x, weight, bias, eps=1e-5):
     return (x - mean) / torch.sqrt(var + eps) * weight + bias
 
 
-def rope(x, positions, theta, layout):
-    """x (B, T, H, d); positions (B, T). 'interleaved' rotates pairs (2i, 2i+1), 'half' pairs (i, i+d/2)."""
+def rope(x, positions, theta, layout, inv_freq=None):
+    """x (B, T, H, d); positions (B, T). 'interleaved' rotates pairs (2i, 2i+1), 'half' pairs (i, i+d/2).
+    `inv_freq` (d/2,) replaces the plain frequencies theta^(-2i/d) (Llama 3.1's scaled ones)."""
     d = x.shape[-1]
-    freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
+    freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d) if inv_freq is None else inv_freq  # (d/2,)
     angle = positions[..., None].double() * freqs  # (B, T, d/2)
     cos, sin = angle.cos()[:, :, None, :], angle.sin()[:, :, None, :]
     if layout == "interleaved":
@@ -39,19 +44,34 @@ def rope(x, positions, theta, layout):
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
 
+def llama3_inv_freq(head_dim, theta, factor, low_freq_factor, high_freq_factor, original_context):
+    """Llama 3.1's RoPE frequencies: wavelengths shorter than original_context / high_freq_factor are kept, longer
+    than original_context / low_freq_factor divided by `factor`, and those between blended linearly in
+    original_context / wavelength: the `rope_scaling` of type llama3 in the Llama 3.1 config.json files."""
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelength = 2 * math.pi / freqs
+    blend = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    scaled = (1 - blend) * freqs / factor + blend * freqs
+    scaled = torch.where(wavelength < original_context / high_freq_factor, freqs, scaled)
+    return torch.where(wavelength > original_context / low_freq_factor, freqs / factor, scaled)
+
+
 class Terms:
     """Adapter terms by (layer, linear) with linear in wq wk wv wo w1 w2 w3."""
 
     def __init__(self, scale_side="input"):
         self.bias, self.scale, self.scale_side, self.lora = {}, {}, scale_side, {}
 
-    def linear(self, x, weight, layer, name, with_lora=True):
+    def linear(self, x, weight, layer, name, with_lora=True, base_bias=None):
+        """The linear's own bias `base_bias` (Qwen2's q/k/v) is added with the adapter's, inside an output scale."""
         scale = self.scale.get((layer, name))
         scale = None if scale is None else scale.double()
         bias = self.bias.get((layer, name))
         bias = None if bias is None else bias.double()
         x_in = x * scale if scale is not None and self.scale_side == "input" else x
         y = x_in @ weight.T
+        if base_bias is not None:
+            y = y + base_bias
         if bias is not None:
             y = y + bias
         if scale is not None and self.scale_side == "output":
@@ -60,6 +80,19 @@ class Terms:
             a, b = (t.double() for t in self.lora[(layer, name)])
             y = y + (x @ a.T) @ b.T
         return y
+
+
+def _project(w, terms, x, layer, name, heads, head_dim, with_lora=True):
+    """x through attention linear `name` of `layer` (with its own bias, if any), split into heads."""
+    prefix = f"layers.{layer}.attention.{name}"
+    y = terms.linear(x, w[prefix + ".weight"], layer, name, with_lora=with_lora, base_bias=w.get(prefix + ".bias"))
+    return y.view(x.shape[0], x.shape[1], heads, head_dim)
+
+
+def _head_norm(w, x, layer, name, eps):
+    """Qwen3's per-head RMSNorm `name` (q_norm or k_norm) of `layer`, where the weights have one."""
+    weight = w.get(f"layers.{layer}.attention.{name}.weight")
+    return x if weight is None else rms_norm(x, weight, eps)
 
 
 def llama_logits(
@@ -78,12 +111,18 @@ def llama_logits(
     visual=None,
     fused_layers=(),
     attention_mask=None,
+    head_dim=None,
+    inv_freq=None,
+    window=None,
 ):
     """Logits (B, T, V) in float64. `w` uses Meta key names: tok_embeddings.weight, layers.n.attention.wq.weight, …
-    layers.n.feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output (all plain tensors).
+    layers.n.feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output (all plain tensors); optional
+    layers.n.attention.wq/wk/wv.bias (Qwen2) and layers.n.attention.q_norm/k_norm.weight (Qwen3, per head).
 
     prompts/gates: {layer: (K, D)} / {layer: (H,)}; visual (B, K, D) is added to the prompts of
     `fused_layers`. attention_mask (B, T) of 0/1 for left padding: positions count real tokens.
+    head_dim defaults to dim / n_heads; inv_freq replaces the RoPE frequencies; window (Mistral) lets a query
+    see only the keys fewer than `window` places back.
     """
     w = {k: v.double() for k, v in w.items()}
     terms = terms or Terms()
@@ -94,19 +133,21 @@ def llama_logits(
         attention_mask = torch.ones_like(tokens)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     h = w["tok_embeddings.weight"][tokens]
-    dim = h.shape[-1]
-    head_dim = dim // n_heads
+    head_dim = head_dim or h.shape[-1] // n_heads
     causal = torch.ones(length, length, dtype=torch.bool).tril()
+    if window is not None:
+        index = torch.arange(length)
+        causal &= index[:, None] - index[None, :] < window
     # Queries see earlier real tokens; a padding query sees itself only, so nothing becomes NaN.
     allowed = (causal[None] & attention_mask.bool()[:, None, :]) | torch.eye(length, dtype=torch.bool)
     n_layers = 1 + max(int(k.split(".")[1]) for k in w if k.startswith("layers."))
     for n in range(n_layers):
         p = f"layers.{n}."
         x = rms_norm(h, w[p + "attention_norm.weight"], eps)
-        q = terms.linear(x, w[p + "attention.wq.weight"], n, "wq").view(batch, length, n_heads, head_dim)
-        k = terms.linear(x, w[p + "attention.wk.weight"], n, "wk").view(batch, length, n_kv_heads, head_dim)
-        v = terms.linear(x, w[p + "attention.wv.weight"], n, "wv").view(batch, length, n_kv_heads, head_dim)
-        q, k = rope(q, positions, theta, layout), rope(k, positions, theta, layout)
+        q = _head_norm(w, _project(w, terms, x, n, "wq", n_heads, head_dim), n, "q_norm", eps)
+        k = _head_norm(w, _project(w, terms, x, n, "wk", n_kv_heads, head_dim), n, "k_norm", eps)
+        v = _project(w, terms, x, n, "wv", n_kv_heads, head_dim)
+        q, k = rope(q, positions, theta, layout, inv_freq), rope(k, positions, theta, layout, inv_freq)
         group = n_heads // n_kv_heads
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
@@ -116,15 +157,16 @@ def llama_logits(
             prompt = prompts[n].double()[None].expand(batch, -1, -1)
             if visual is not None and n in fused_layers:
                 prompt = prompt + visual.double()
-            kp = terms.linear(prompt, w[p + "attention.wk.weight"], n, "wk", with_lora=False)
-            vp = terms.linear(prompt, w[p + "attention.wv.weight"], n, "wv", with_lora=False)
-            kp = kp.view(batch, -1, n_kv_heads, head_dim).repeat_interleave(group, dim=2)
-            vp = vp.view(batch, -1, n_kv_heads, head_dim).repeat_interleave(group, dim=2)
+            # The key path of the tokens without RoPE: projection (and bias), then the per-head key norm if any.
+            kp = _project(w, terms, prompt, n, "wk", n_kv_heads, head_dim, with_lora=False)
+            kp = _head_norm(w, kp, n, "k_norm", eps)
+            vp = _project(w, terms, prompt, n, "wv", n_kv_heads, head_dim, with_lora=False)
+            kp, vp = kp.repeat_interleave(group, dim=2), vp.repeat_interleave(group, dim=2)
             prompt_scores = torch.einsum("bqhd,bkhd->bhqk", q, kp) / math.sqrt(head_dim)
             gate = gates[n].double()
             gate = gate.tanh() if gate_tanh else gate
             out = out + gate[None, None, :, None] * torch.einsum("bhqk,bkhd->bqhd", prompt_scores.softmax(-1), vp)
-        h = h + terms.linear(out.reshape(batch, length, dim), w[p + "attention.wo.weight"], n, "wo")
+        h = h + terms.linear(out.reshape(batch, length, -1), w[p + "attention.wo.weight"], n, "wo")
         x = rms_norm(h, w[p + "ffn_norm.weight"], eps)
         gate_act = torch.nn.functional.silu(terms.linear(x, w[p + "feed_forward.w1.weight"], n, "w1"))
         up = terms.linear(x, w[p + "feed_forward.w3.weight"], n, "w3")
@@ -133,7 +175,8 @@ def llama_logits(
 
 
 def hf_to_reference_weights(model):
-    """A HF LlamaForCausalLM's frozen weights under the reference's Meta-style names (HF row order)."""
+    """A HF LlamaForCausalLM's (or Mistral/Qwen2/Qwen3 model's) frozen weights under the reference's Meta-style
+    names (HF row order), with the linears' own biases and the per-head q/k norms where the family has them."""
     names = {
         "self_attn.q_proj": "attention.wq",
         "self_attn.k_proj": "attention.wk",
@@ -152,14 +195,37 @@ def hf_to_reference_weights(model):
         w[f"layers.{n}.attention_norm.weight"] = layer.input_layernorm.weight
         w[f"layers.{n}.ffn_norm.weight"] = layer.post_attention_layernorm.weight
         for hf, meta in names.items():
-            module = layer.get_submodule(hf)
-            w[f"layers.{n}.{meta}.weight"] = getattr(module, "base_layer", module).weight
+            linear = getattr(layer.get_submodule(hf), "base_layer", layer.get_submodule(hf))
+            w[f"layers.{n}.{meta}.weight"] = linear.weight
+            if linear.bias is not None:
+                w[f"layers.{n}.{meta}.bias"] = linear.bias
+        for norm in ("q_norm", "k_norm"):
+            if hasattr(layer.self_attn, norm):
+                w[f"layers.{n}.attention.{norm}.weight"] = getattr(layer.self_attn, norm).weight
     return {k: v.detach() for k, v in w.items()}
 
 
+def hf_rope_inv_freq(config):
+    """The RoPE frequencies a transformers config asks for: None for plain RoPE, Llama 3.1's scaled ones."""
+    rope = config.rope_parameters
+    if rope["rope_type"] == "default":
+        return None
+    assert rope["rope_type"] == "llama3", f"the reference has no {rope['rope_type']} RoPE"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return llama3_inv_freq(
+        head_dim,
+        rope["rope_theta"],
+        rope["factor"],
+        rope["low_freq_factor"],
+        rope["high_freq_factor"],
+        rope["original_max_position_embeddings"],
+    )
+
+
 def hf_llama_logits(model, tokens, **adapter):
-    """`llama_logits` on a transformers LlamaForCausalLM: its frozen weights, and the shape, norm epsilon and RoPE
-    base from its config (HF's half-split layout); `adapter` holds the adapter terms and the attention mask."""
+    """`llama_logits` on a transformers LlamaForCausalLM (or Mistral/Qwen2/Qwen3 model): its frozen weights, and the
+    shape, norm epsilon, RoPE and sliding window from its config (HF's half-split layout); `adapter` holds the
+    adapter terms and the attention mask."""
     config = model.config
     return llama_logits(
         hf_to_reference_weights(model),
@@ -169,6 +235,9 @@ def hf_llama_logits(model, tokens, **adapter):
         eps=config.rms_norm_eps,
         theta=config.rope_parameters["rope_theta"],
         layout="half",
+        head_dim=getattr(config, "head_dim", None),
+        inv_freq=hf_rope_inv_freq(config),
+        window=getattr(config, "sliding_window", None),
         **adapter,
     )
 

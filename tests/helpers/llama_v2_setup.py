@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from mmadapter.adapters import make_config
+from mmadapter.adapters.methods.bias_scale import LINEAR_PATHS
+from tests.helpers.llama_reference import Terms
 
 ALL_LINEARS = ["q", "k", "v", "o", "gate", "up", "down"]
 #: Short linear name -> the reference's Meta-style name.
@@ -32,3 +34,17 @@ def tiny_v2_config(preset: str | None = None, **overrides):
 
 def pixels(batch: int = 2, seed: int = 3) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_terms(model, scale_side: str = "input") -> Terms:
+    """The bias/scale/LoRA tensors of an adapter with all of them on every linear (EVERYTHING), under the
+    reference's (layer, Meta name) keys."""
+    terms = Terms(scale_side=scale_side)
+    for n, layer in enumerate(model.get_decoder().layers):
+        for short, meta in META_NAMES.items():
+            module = layer.get_submodule(LINEAR_PATHS[short])
+            linear = module.base_layer
+            terms.bias[(n, meta)] = linear.adapter_bias.detach().double()
+            terms.scale[(n, meta)] = linear.adapter_scale.detach().double()
+            terms.lora[(n, meta)] = (module.lora_A.default.weight.double(), module.lora_B.default.weight.double())
+    return terms
