@@ -110,6 +110,9 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    check_port_free(args.host, args.port, "--port")  # before minutes of model loading, not after
+    if args.ui:
+        check_port_free(args.host, args.ui_port, "--ui-port")
     announce_loading()
     # Imported on use, not at the top: the command line starts without loading what other commands need.
     from mmadapter.serve.http_server import APIServer, ServerSettings, serve_forever
@@ -125,9 +128,6 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
     )
-    check_port_free(args.host, args.port, "--port")  # before minutes of model loading, not after
-    if args.ui:
-        check_port_free(args.host, args.ui_port, "--ui-port")
     served = _load(args)
     server = APIServer(served, settings)
     print(f"OpenAI-compatible API: {server.url}/v1  (model id {served.name!r})", flush=True)
