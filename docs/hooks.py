@@ -24,8 +24,11 @@ USER_ERRORS = {"ValueError", "FileNotFoundError", "KeyError", "DataError", "Imag
 SOURCE_FOLDERS = ("cli", "train", "serve", "adapters", "vision", "core")
 
 
-def on_config(config: Any) -> Any:
-    """Link the package folders as `build/docs-api/mmadapter/<folder>` for mkdocstrings."""
+def link_packages() -> None:
+    """Link the package folders as `build/docs-api/mmadapter/<folder>` for mkdocstrings' static reader.
+
+    Done when MkDocs loads this hook, before any plugin configures itself: the Python handler only
+    searches paths that exist when it starts."""
     package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     namespace = ROOT / "build" / "docs-api" / "mmadapter"
     namespace.mkdir(parents=True, exist_ok=True)
@@ -33,7 +36,9 @@ def on_config(config: Any) -> Any:
         link = namespace / package.removeprefix("mmadapter.")
         if not link.is_symlink():
             link.symlink_to(ROOT / folder, target_is_directory=True)
-    return config
+
+
+link_packages()
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
