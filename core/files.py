@@ -1,16 +1,31 @@
-"""Files written so that readers, and a crash, never see half of one; and content hashes of files."""
+"""Files written so that readers, and a crash, never see half of one; content hashes of files; and
+weight files read so that a damaged or hostile one is a one-line error naming it, never a traceback."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import pickle
+import struct
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+#: torch's weights-only unpickler names what it refuses to call as `GLOBAL module.name`.
+_REFUSED_CALLABLE = "GLOBAL "
+#: What torch's zip reader says about an archive cut short or not written by torch.save.
+_DAMAGED_ARCHIVE = ("PytorchStreamReader", "inline_container", "unexpected EOF")
+#: What unpickling a truncated or foreign file raises besides UnpicklingError.
+_DAMAGED_PICKLE = (EOFError, KeyError, IndexError, struct.error, zipfile.BadZipFile)
 
 
 @contextlib.contextmanager
@@ -53,3 +68,82 @@ def file_sha256(path: str | Path) -> str:
         while chunk := file.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class RefusedPickleError(pickle.UnpicklingError, ValueError):
+    """A weights file whose unpickling would call more than tensor constructors, refused before anything ran.
+
+    An UnpicklingError, as torch raises for it, so callers that catch that still do; a ValueError, because
+    the file the user gave is at fault. The first line names the file; the unpickler's own words follow."""
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        super().__init__(
+            f"{path}: holds Python objects beyond tensors, and loading them could run code; mmadapter loads "
+            "tensors only (weights_only). Convert it where you trust its source, or get a safetensors file"
+            f"\n{detail}"
+        )
+
+
+def _damaged_weights(path: str | Path) -> ValueError:
+    return ValueError(
+        f"{path}: cannot read weights: the file is truncated or not a PyTorch file; re-download it, "
+        "or re-save it with torch.save"
+    )
+
+
+@contextlib.contextmanager
+def torch_file_errors(path: str | Path) -> Iterator[None]:
+    """Unpickling `path` inside: torch's errors for a refused or damaged file become ValueErrors naming it.
+
+    transformers and TorchScript readers unpickle without saying which file failed, so they run in here too.
+    torch's warning about pickle protocols is silenced: the error (or nothing) is all a user needs."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            yield
+    except RefusedPickleError:
+        raise
+    except pickle.UnpicklingError as error:
+        if _REFUSED_CALLABLE in str(error):
+            raise RefusedPickleError(path, str(error)) from error
+        raise _damaged_weights(path) from error
+    except _DAMAGED_PICKLE as error:
+        raise _damaged_weights(path) from error
+    except RuntimeError as error:
+        if not any(marker in str(error) for marker in _DAMAGED_ARCHIVE):
+            raise
+        raise _damaged_weights(path) from error
+    except OSError as error:  # torch's zip reader seeking past the end of a cut archive
+        if error.errno != errno.EINVAL:
+            raise
+        raise _damaged_weights(path) from error
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """What `torch.save` wrote to `path`, tensors and plain containers only (weights_only; zip archives
+    memory-mapped, so no tensor data is read until used); a refused or damaged file is a ValueError naming it."""
+    with torch_file_errors(path):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or foreign one is a ValueError naming it."""
+    with _safetensors_errors(path):
+        return load_file(path)
+
+
+def read_safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header, which safetensors checks against the file's size:
+    no tensor data is read, and a truncated file fails here."""
+    with _safetensors_errors(path), safe_open(path, framework="pt") as file:
+        return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+
+
+@contextlib.contextmanager
+def _safetensors_errors(path: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({error}); it is truncated or damaged: re-download or re-save it"
+        ) from error

@@ -127,11 +127,11 @@ def load_served_model(
     tokenizer_source = tokenizer or base
     if str(tokenizer_source) in BASE_PRESETS:
         raise ValueError(f"base {base!r} is a preset without a tokenizer; pass a tokenizer folder (--tokenizer)")
+    folder = None if adapter is None else download_adapter(adapter, revision)
+    # A broken adapter config fails here, before the base loads for minutes.
+    saved_template = None if folder is None else read_adapter_config(folder).get("prompt_template")
     model = load_base_model(base, dtype=dtype, device=device)
-    saved_template = None
-    if adapter is not None:
-        folder = download_adapter(adapter, revision)
-        saved_template = read_adapter_config(folder).get("prompt_template")
+    if folder is not None:
         load_adapter(model, folder, **(adapter_overrides or {}))
         model.to(device)
         model.eval()

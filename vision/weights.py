@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+
+from mmadapter.core.files import RefusedPickleError, read_safetensors, read_torch_file, torch_file_errors
 
 #: Weight files looked for inside a folder, in order of preference (open_clip's and HF's names).
 PREFERRED_WEIGHT_FILES = (
@@ -95,7 +96,7 @@ class _TensorsOnlyUnpickler(pickle.Unpickler):
             return self._ALLOWED[(module, name)]
         if module == "torch.jit._pickle" and (name.startswith("build_") or name == "restore_type_tag"):
             return _passthrough  # typed containers: build_intlist(list), restore_type_tag(value, type)
-        raise pickle.UnpicklingError(f"{self._source}: refusing to load {module}.{name} (only tensors are read)")
+        raise RefusedPickleError(self._source, f"refusing to load {module}.{name} (only tensors are read)")
 
     def persistent_load(self, pid: Any) -> Any:
         kind, storage_type, key, _location, _numel = pid
@@ -116,7 +117,7 @@ def _collect_tensors(node: Any, prefix: str, out: dict[str, torch.Tensor]) -> No
 
 def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor attribute of a TorchScript module archive, named like `state_dict()` keys."""
-    with zipfile.ZipFile(path) as archive:
+    with torch_file_errors(path), zipfile.ZipFile(path) as archive:
         pickles = [name for name in archive.namelist() if name.count("/") == 1 and name.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise ValueError(f"{path}: not a TorchScript module archive (no single */data.pkl)")
@@ -136,14 +137,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
-        state = load_file(path)
+        state = read_safetensors(path)
     elif is_torchscript_archive(path):
         state = read_torchscript_tensors(path)
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
-            raise ValueError(f"{path}: cannot read weights ({error})") from error
+        state = read_torch_file(path)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -7,6 +7,7 @@ models, which is what tests, benchmarks and `mmadapter info` (on the meta device
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from transformers import AutoTokenizer, LlamaTokenizer, PretrainedConfig, PreTra
 
 from mmadapter.adapters.backbones.meta_llama import is_meta_checkpoint, load_meta_checkpoint
 from mmadapter.adapters.backbones.presets import BASE_PRESETS, base_config, build_base_model, model_class_for
+from mmadapter.core.files import torch_file_errors
 
 #: model_type -> tokenizer loader for backbones whose tokenizer is not a stock transformers one.
 TOKENIZER_LOADERS: dict[str, object] = {}
@@ -75,16 +77,24 @@ def load_base_model(
         model.to(device=device, dtype=torch_dtype or torch.float32)
     else:
         config = read_base_config(base)
-        model = (
-            model_class_for(config)
-            .from_pretrained(
+        with _pickled_weights_errors(Path(base)):
+            model = model_class_for(config).from_pretrained(
                 base, dtype=torch_dtype or torch.float32, local_files_only=True, attn_implementation=attn_implementation
             )
-            .to(device)
-        )
+        model = model.to(device)
     model.set_attn_implementation(attn_implementation)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _pickled_weights_errors(folder: Path) -> contextlib.AbstractContextManager:
+    """transformers unpickles `.bin` weights (weights_only) but lets torch's errors out, which name no file:
+    a refused or damaged one becomes a one-line ValueError naming it. Safetensors, preferred when present,
+    need no such care."""
+    shards = sorted(folder.glob("pytorch_model*.bin"))
+    if not shards or any(folder.glob("*.safetensors")):
+        return contextlib.nullcontext()
+    return torch_file_errors(shards[0] if len(shards) == 1 else f"{folder}/pytorch_model-*.bin (one of the shards)")
 
 
 def load_tokenizer(base: str | Path) -> PreTrainedTokenizerBase:

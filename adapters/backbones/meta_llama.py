@@ -16,6 +16,7 @@ import torch
 from transformers import LlamaConfig
 
 from mmadapter.adapters.backbones.presets import llama_ffn_size
+from mmadapter.core.files import read_torch_file
 
 #: Meta per-layer key suffix -> (HF suffix, dim along which model-parallel shards are split or None).
 _LAYER_KEYS = {
@@ -99,7 +100,7 @@ def load_meta_checkpoint(folder: str | Path) -> tuple[LlamaConfig, dict[str, tor
     paths = sorted(folder.glob("consolidated.*.pth"))
     if not paths:
         raise FileNotFoundError(f"{folder}: no consolidated.*.pth shards next to params.json")
-    shards = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in paths]
+    shards = [read_torch_file(p) for p in paths]
     vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
     config = config_from_params(params, vocab_size)
     state = {}

@@ -40,14 +40,10 @@ from huggingface_hub.utils import get_token, validate_repo_id
 from torch import nn
 
 from mmadapter.adapters.backbones.loading import load_base_model
-from mmadapter.adapters.io.adapter_folder import (
-    PEFT_CONFIG_FILE,
-    PICKLE_SUFFIXES,
-    AdapterFolder,
-    inspect_adapter_folder,
-)
+from mmadapter.adapters.io.adapter_folder import PEFT_CONFIG_FILE, AdapterFolder, inspect_adapter_folder
 from mmadapter.adapters.io.checkpoint import (
     CONFIG_FILE,
+    PICKLE_SUFFIXES,
     WEIGHTS_FILE,
     atomic_write_bytes,
     load_adapter,

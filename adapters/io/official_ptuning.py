@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from mmadapter.adapters.io.checkpoint import WEIGHTS_FILE, read_adapter_config
 from mmadapter.adapters.methods.base import adapter_config_of, attach_adapter
 from mmadapter.adapters.methods.ptuning_v2 import ENCODER_NAME, PTuningV2Config, prefix_encoder_of, prefix_geometry
-from mmadapter.core.files import atomic_write_bytes
+from mmadapter.core.files import atomic_write_bytes, read_safetensors, read_torch_file
 
 OFFICIAL_PREFIX = f"transformer.{ENCODER_NAME}."
 OFFICIAL_WEIGHTS = "pytorch_model.bin"
@@ -41,7 +40,7 @@ def read_official_ptuning(source: str | Path) -> tuple[dict[str, torch.Tensor], 
     """(prefix-encoder tensors with `transformer.prefix_encoder.` stripped, the folder's config.json or {})."""
     source = Path(source)
     path = _weights_path(source)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch_file(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
     tensors = {k.removeprefix(OFFICIAL_PREFIX): v for k, v in state.items() if k.startswith(OFFICIAL_PREFIX)}
@@ -168,5 +167,6 @@ def export_official_ptuning_folder(adapter_dir: str | Path, directory: str | Pat
         raise ValueError(f"{adapter_dir}: holds a {saved.get('method')!r} adapter, not ptuning-v2")
     config = PTuningV2Config.from_dict(saved)
     marker = f"{ENCODER_NAME}."
-    tensors = {k[k.index(marker) + len(marker) :]: v for k, v in load_file(adapter_dir / WEIGHTS_FILE).items()}
+    state = read_safetensors(adapter_dir / WEIGHTS_FILE)
+    tensors = {k[k.index(marker) + len(marker) :]: v for k, v in state.items()}
     return _write_official(tensors, config, Path(directory))

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from mmadapter.adapters.methods.llama_adapter_v1 import LlamaAdapterV1Config, adapted_layer_indices
+from mmadapter.core.files import read_torch_file
 
 _GATE_KEY = re.compile(r"layers\.(\d+)\.attention\.gate")
 
 
 def load_official_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A released `.pth` read with `weights_only=True` (unwrapping a `model` entry if present)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch_file(path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):

@@ -50,6 +50,7 @@ from mmadapter.adapters.methods.llama_adapter_v2 import (
     PROJECTOR_ATTRIBUTE,
     LlamaAdapterV2Config,
 )
+from mmadapter.core.files import read_torch_file
 
 #: Official linear name -> mmadapter short name (`LINEAR_PATHS`).
 OFFICIAL_LINEARS = {"wq": "q", "wk": "k", "wv": "v", "wo": "o", "w1": "gate", "w3": "up", "w2": "down"}
@@ -95,7 +96,7 @@ def read_official_v2(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = read_torch_file(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict, found {type(data).__name__}")
     state = data["model"] if isinstance(data.get("model"), dict) else data
