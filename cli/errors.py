@@ -49,6 +49,8 @@ def user_message(error: BaseException) -> str | None:
     if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
         where = f" ({error.filename})" if error.filename else ""
         return f"{error.strerror or error}{where}: {_ENVIRONMENT_ERRNOS[error.errno]}"
+    if isinstance(error, ValueError):  # our own messages (some also subclass a library error) say it all
+        return _one_line(error)
     if isinstance(error, SafetensorError):
         return f"not a readable safetensors file ({error}); the file is truncated or not safetensors"
     if isinstance(error, pickle.UnpicklingError):
