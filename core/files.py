@@ -8,6 +8,7 @@ import errno
 import hashlib
 import os
 import pickle
+import re
 import struct
 import tempfile
 import warnings
@@ -22,6 +23,10 @@ from safetensors.torch import load_file, save_file
 
 #: torch's weights-only unpickler names what it refuses to call as `GLOBAL module.name`.
 _REFUSED_CALLABLE = "GLOBAL "
+#: Sentences of torch's refusal that tell the user to turn the protection off, or where to read how.
+_UNSAFE_ADVICE = re.compile(
+    r"In PyTorch 2\.6|Re-running|weights_only` set to `False`|Do it only if|Check the documentation|safe_globals"
+)
 #: What torch's zip reader says about an archive cut short or not written by torch.save.
 _DAMAGED_ARCHIVE = ("PytorchStreamReader", "inline_container", "unexpected EOF")
 #: What unpickling a truncated or foreign file raises besides UnpicklingError.
@@ -74,13 +79,15 @@ class RefusedPickleError(pickle.UnpicklingError, ValueError):
     """A weights file whose unpickling would call more than tensor constructors, refused before anything ran.
 
     An UnpicklingError, as torch raises for it, so callers that catch that still do; a ValueError, because
-    the file the user gave is at fault. The first line names the file; the unpickler's own words follow."""
+    the file the user gave is at fault. The message names the file and what the unpickler refused."""
 
     def __init__(self, path: str | Path, detail: str) -> None:
+        # torch's message also advises weights_only=False: that advice is dropped, what it refused is kept.
+        kept = [s for s in re.split(r"(?<=\.)\s+", " ".join(detail.split())) if not _UNSAFE_ADVICE.search(s)]
         super().__init__(
             f"{path}: holds Python objects beyond tensors, and loading them could run code; mmadapter loads "
             "tensors only (weights_only). Convert it where you trust its source, or get a safetensors file"
-            f"\n{detail}"
+            + (f" ({' '.join(kept)})" if kept else "")
         )
 
 
