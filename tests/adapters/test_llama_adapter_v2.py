@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from mmadapter.adapters import attach_adapter, make_config, mark_trainable, trainable_parameters
-from mmadapter.adapters.methods.bias_scale import LINEAR_PATHS
 from mmadapter.adapters.methods.llama_adapter_v2 import STAGES, parameter_group, visual_prompt
-from tests.helpers.llama_reference import Terms, clip_tokens, hf_llama_logits, official_projector
-from tests.helpers.llama_v2_setup import ALL_LINEARS, EVERYTHING, META_NAMES, pixels, tiny_v2_config
+from tests.helpers.llama_reference import clip_tokens, hf_llama_logits, official_projector
+from tests.helpers.llama_v2_setup import ALL_LINEARS, EVERYTHING, pixels, reference_terms, tiny_v2_config
 from tests.helpers.perturb import perturb_adapter
 from tests.helpers.tiny_llama import left_padded
 
@@ -43,19 +42,6 @@ def test_zero_init_exact_in_bfloat16_including_generate(tiny_llama):
         assert model.vision_encoder.dtype == torch.bfloat16
         assert torch.equal(model(ids, attention_mask=mask, adapter_visual_prompt=prompt).logits, base)
         assert torch.equal(model.generate(ids, adapter_visual_prompt=prompt, **generate), base_tokens)
-
-
-def reference_terms(model, scale_side):
-    """Bias/scale/LoRA tensors of the adapted model under the reference's (layer, Meta name) keys."""
-    terms = Terms(scale_side=scale_side)
-    for n, layer in enumerate(model.model.layers):
-        for short, meta in META_NAMES.items():
-            module = layer.get_submodule(LINEAR_PATHS[short])
-            linear = module.base_layer
-            terms.bias[(n, meta)] = linear.adapter_bias.detach().double()
-            terms.scale[(n, meta)] = linear.adapter_scale.detach().double()
-            terms.lora[(n, meta)] = (module.lora_A.default.weight.double(), module.lora_B.default.weight.double())
-    return terms
 
 
 @pytest.mark.parametrize(
