@@ -1,13 +1,17 @@
 """Prompt templates, by name, so adapters remember how they were prompted and users never format by hand.
 
 An adapter folder stores the template name (`prompt_template` in mmadapter_config.json); training
-renders examples with it and serving renders chats with it.
+renders examples with it and serving renders chats with it. The official templates (alpaca, chatglm,
+chat65b) are plain text; `chat` is the base tokenizer's own Jinja chat template (core/chat_templates.py),
+whose source the adapter folder records too (`chat_template`); `auto` means `chat` where the tokenizer has
+one and the base family's official template elsewhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -87,6 +91,8 @@ class PromptTemplate:
     """render(instruction, input="", history=()) -> the prompt text the model continues."""
     stop: tuple[str, ...] = ()
     """Strings that end an answer besides the EOS token."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end an answer besides the EOS token (none: these templates are plain text)."""
 
 
 TEMPLATES: dict[str, PromptTemplate] = {
@@ -94,6 +100,23 @@ TEMPLATES: dict[str, PromptTemplate] = {
     "chatglm": PromptTemplate("chatglm", chatglm_prompt),
     "chat65b": PromptTemplate("chat65b", chat65b_prompt, stop=("###",)),
 }
+
+
+#: Every name a recipe (`data.template`) or a front end (`--template`) may give.
+TemplateName = Literal["alpaca", "chatglm", "chat65b", "chat", "auto"]
+TEMPLATE_NAMES: tuple[str, ...] = get_args(TemplateName)
+CHAT = "chat"
+"""The base tokenizer's own chat template."""
+AUTO = "auto"
+"""`chat` where the tokenizer has a chat template, else the base family's official template."""
+#: The official template of each base family (a base served without an adapter, `auto` without a chat template).
+OFFICIAL_TEMPLATES = {"chatglm": "chatglm"}
+#: Every other family (LLaMA, Llama 3, Mistral, Qwen2/3): the official LLaMA-Adapter template.
+OFFICIAL_DEFAULT = "alpaca"
+
+
+def official_template(model_type: str) -> str:
+    return OFFICIAL_TEMPLATES.get(model_type, OFFICIAL_DEFAULT)
 
 
 def get_template(name: str) -> PromptTemplate:

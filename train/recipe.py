@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from mmadapter.core.config import Bool, Float, Int, describe, document_type, json_schema, parse
+from mmadapter.core.templates import TemplateName
 
 T = TypeVar("T")
 
@@ -72,8 +73,9 @@ class DataSection:
     eval: list[DataSource] = dataclasses.field(default_factory=list)
     eval_from_train: Int = 0
     """Also evaluate on the first N training examples (the official V1 "val" split is 200)."""
-    template: str = "alpaca"
-    """Prompt template name (core/templates.py)."""
+    template: TemplateName = "alpaca"
+    """Prompt template: an official one (alpaca, chatglm, chat65b); chat, the base tokenizer's own chat template
+    (loss on assistant turns only); or auto, chat where the tokenizer has one, else the base's official one."""
     caption_instruction: str = "Generate caption of this image"
     """Instruction of caption samples, rendered in the template's no-input form (official V2)."""
     max_length: Int = 512
