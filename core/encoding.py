@@ -1,10 +1,18 @@
 """Examples to token ids and labels, with the loss only on response tokens (labels -100 elsewhere).
 
-As the official LLaMA-Adapter code (alpaca_finetuning_v1/finetuning.py): the whole text (prompt +
-response) is tokenized once, BOS first and EOS after the response, and the prompt's token count
-(from tokenizing the prompt alone) marks where labels start; the result is cut at max_length.
-Multi-turn conversations render every reply's prompt with the template's history, and every
-reply (followed by EOS) is trained on.
+Official templates, as the official LLaMA-Adapter code (alpaca_finetuning_v1/finetuning.py): the whole
+text (prompt + response) is tokenized once, BOS first and EOS after the response, and the prompt's token
+count (from tokenizing the prompt alone) marks where labels start; the result is cut at max_length.
+Multi-turn conversations render every reply's prompt with the template's history, and every reply
+(followed by EOS) is trained on. These templates have no system slot: a system message leads the first
+user message, as the OpenAI API front end does.
+
+A tokenizer's chat template: the ids are exactly `apply_chat_template(messages)` (its text tokenized
+without added special tokens: the template writes BOS itself where it wants one). Labels cover each
+assistant turn: from the end of `apply_chat_template(messages before it, add_generation_prompt=True)`,
+which must tokenize as a prefix of the whole (it is what serving sends), through the reply and the
+end-of-turn token right after it. transformers' `return_assistant_tokens_mask` would need `{% generation %}`
+markers, which the Llama 3, Mistral and Qwen templates do not have (the mask comes back all zeros).
 """
 
 from __future__ import annotations
@@ -12,8 +20,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from mmadapter.core.chat_templates import ChatTemplate, Message, chat_messages, render_chat
 from mmadapter.core.examples import DataError, Example
-from mmadapter.core.templates import PromptTemplate
+from mmadapter.core.templates import PromptTemplate, Template
 
 IGNORE_INDEX = -100
 
@@ -45,11 +54,11 @@ def render(example: Example, template: PromptTemplate, caption_instruction: str)
     return text, spans
 
 
-def encode(
-    example: Example, tokenizer, template: PromptTemplate, *, max_length: int, caption_instruction: str
-) -> Encoded:
+def encode(example: Example, tokenizer, template: Template, *, max_length: int, caption_instruction: str) -> Encoded:
     """Token ids and labels of one example; raises DataError when no reply token fits in max_length."""
-    text, spans = render(example, template, caption_instruction)
+    if isinstance(template, ChatTemplate):
+        return _encode_chat(example, tokenizer, template, max_length, caption_instruction)
+    text, spans = render(system_folded(example), template, caption_instruction)
 
     def count(offset: int) -> int:
         return len(tokenizer.encode(text[:offset], add_special_tokens=False))
@@ -62,6 +71,10 @@ def encode(
         input_ids += ids[cursor:first] + ids[first:last] + [tokenizer.eos_token_id]
         labels += [IGNORE_INDEX] * (first - cursor) + ids[first:last] + [tokenizer.eos_token_id]
         cursor = last
+    return _truncated(input_ids, labels, max_length)
+
+
+def _truncated(input_ids: list[int], labels: list[int], max_length: int) -> Encoded:
     input_ids, labels = input_ids[:max_length], labels[:max_length]
     # Labels are shifted by one in the loss: the first position never counts.
     if all(label == IGNORE_INDEX for label in labels[1:]):
@@ -69,10 +82,79 @@ def encode(
     return Encoded(input_ids, labels)
 
 
-def encode_prompt(example: Example, tokenizer, template: PromptTemplate, *, caption_instruction: str = "") -> list[int]:
+def system_folded(example: Example) -> Example:
+    """An official template's example: the system message, if any, leads the first user message."""
+    if not example.system:
+        return example
+    (question, reply), *rest = example.turns
+    first = (f"{example.system}\n\n{question}" if question else example.system, reply)
+    return dataclasses.replace(example, system="", turns=(first, *rest))
+
+
+def encode_prompt(example: Example, tokenizer, template: Template, *, caption_instruction: str = "") -> list[int]:
     """The ids training puts before the last reply, the reply left out: what generation must start from
     (evaluation and serving), so a trained adapter is asked exactly as it learned (EOS after earlier replies)."""
     question, _ = example.turns[-1]
     open_turn = dataclasses.replace(example, turns=(*example.turns[:-1], (question, "")))
+    if isinstance(template, ChatTemplate):
+        return chat_prompt_ids(tokenizer, template, _chat_messages(open_turn, template, caption_instruction))
     encoded = encode(open_turn, tokenizer, template, max_length=sys.maxsize, caption_instruction=caption_instruction)
     return encoded.input_ids[:-1]  # without the EOS that would end the (empty) reply
+
+
+def chat_prompt_ids(tokenizer, template: ChatTemplate, messages: list[Message]) -> list[int]:
+    """`apply_chat_template(messages, add_generation_prompt=True)` with `template`: what asks for the next reply."""
+    return _tokens(tokenizer, render_chat(tokenizer, template.source, messages, add_generation_prompt=True))
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _chat_messages(example: Example, template: ChatTemplate, caption_instruction: str) -> list[Message]:
+    if example.caption:
+        turns = ((caption_instruction, example.turns[0][1]),)
+    else:
+        (question, reply), *rest = example.turns
+        turns = ((f"{question}\n{example.input}" if example.input else question, reply), *rest)
+    image = example.image is not None
+    return chat_messages(tuple(turns), system=example.system, image=image, image_parts=template.image_parts)
+
+
+def _encode_chat(example: Example, tokenizer, template: ChatTemplate, max_length: int, caption: str) -> Encoded:
+    messages = _chat_messages(example, template, caption)
+    text = render_chat(tokenizer, template.source, messages)
+    ids = _tokens(tokenizer, text)
+    labels = [IGNORE_INDEX] * len(ids)
+    replies = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+    for number, index in enumerate(replies):
+        start, end = _reply_span(tokenizer, template, messages, index, text, ids, f"reply {number}")
+        labels[start:end] = ids[start:end]
+    return _truncated(ids, labels, max_length)
+
+
+def _reply_span(
+    tokenizer, template: ChatTemplate, messages: list[Message], index: int, text: str, ids: list[int], which: str
+) -> tuple[int, int]:
+    """Token positions of the assistant message `index`: after the generation prompt that asks for it, through
+    its end-of-turn token."""
+    prompt = render_chat(tokenizer, template.source, messages[:index], add_generation_prompt=True)
+    if not text.startswith(prompt):
+        raise DataError(
+            f"the chat template renders the conversation before {which} differently from the whole conversation "
+            "(serving would ask for that reply with other text than training saw)"
+        )
+    start = _prefix_length(ids, _tokens(tokenizer, prompt), f"the generation prompt before {which}")
+    content = messages[index]["content"]
+    for reply in dict.fromkeys((content, content.strip())):  # some templates trim replies (Llama 3)
+        at = text.find(reply + template.end_of_turn, len(prompt))
+        if at >= 0:
+            end = at + len(reply) + len(template.end_of_turn)
+            return start, _prefix_length(ids, _tokens(tokenizer, text[:end]), f"{which} and its end-of-turn token")
+    raise DataError(f"the chat template does not render {which} as written, followed by {template.end_of_turn}")
+
+
+def _prefix_length(ids: list[int], prefix: list[int], what: str) -> int:
+    if ids[: len(prefix)] != prefix:
+        raise DataError(f"{what} does not end on a token boundary of the conversation's tokens")
+    return len(prefix)

@@ -23,6 +23,8 @@ class Example:
     image: Path | None = None
     caption: bool = False
     """A caption sample: rendered with the caption instruction, trains the caption stage in mixed runs."""
+    system: str = ""
+    """A system message: a chat template's system turn; the official templates put it before the first question."""
 
 
 def check_encodable(value: str, field: str) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
+
+from mmadapter.core.chat_templates import CHAT, ChatTemplate, chat_template_of, has_chat_template
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -105,8 +107,6 @@ TEMPLATES: dict[str, PromptTemplate] = {
 #: Every name a recipe (`data.template`) or a front end (`--template`) may give.
 TemplateName = Literal["alpaca", "chatglm", "chat65b", "chat", "auto"]
 TEMPLATE_NAMES: tuple[str, ...] = get_args(TemplateName)
-CHAT = "chat"
-"""The base tokenizer's own chat template."""
 AUTO = "auto"
 """`chat` where the tokenizer has a chat template, else the base family's official template."""
 #: The official template of each base family (a base served without an adapter, `auto` without a chat template).
@@ -123,3 +123,28 @@ def get_template(name: str) -> PromptTemplate:
     if name not in TEMPLATES:
         raise ValueError(f"unknown prompt template {name!r}; available: {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[name]
+
+
+#: What a template name stands for once the tokenizer is known.
+Template = PromptTemplate | ChatTemplate
+
+
+def concrete_template_name(name: str, tokenizer: Any, model_type: str, chat_template: str | None = None) -> str:
+    """`name` with `auto` decided: `chat` when there is a chat template (the tokenizer's, or `chat_template`,
+    an adapter's recorded one), else the official template of the base family `model_type`."""
+    if name != AUTO:
+        return name
+    return CHAT if chat_template or has_chat_template(tokenizer) else official_template(model_type)
+
+
+def resolve_template(name: str, tokenizer: Any, model_type: str, chat_template: str | None = None) -> Template:
+    """The template `name` means with this tokenizer and base family; `chat_template` (an adapter's recorded
+    source) replaces the tokenizer's own for `chat`."""
+    name = concrete_template_name(name, tokenizer, model_type, chat_template)
+    return chat_template_of(tokenizer, chat_template) if name == CHAT else get_template(name)
+
+
+def template_record(name: str, tokenizer: Any) -> dict[str, str | None]:
+    """What an adapter folder records of its template (save_adapter's keyword arguments): the name, and for
+    `chat` the tokenizer's Jinja source, so serving renders exactly what training did."""
+    return {"prompt_template": name, "chat_template": tokenizer.get_chat_template() if name == CHAT else None}

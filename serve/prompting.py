@@ -1,7 +1,8 @@
 """Prompt token ids exactly as training built them, so a served adapter sees what it learned on.
 
 LLaMA-style: `mmadapter.core.encoding.encode_prompt`, the training encoding without the last reply
-(BOS, the rendered conversation tokenized once, EOS after every finished assistant reply). ChatGLM-6B (spec
+(BOS, the rendered conversation tokenized once, EOS after every finished assistant reply). A chat template:
+`apply_chat_template(messages, add_generation_prompt=True)`, which training's ids start with. ChatGLM-6B (spec
 chatglm-6b-ptuning-v2 §2.8, §4): the rendered rounds tokenized, then `[gMASK] <sop>`.
 """
 
@@ -11,9 +12,10 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from mmadapter.core.encoding import encode_prompt
+from mmadapter.core.chat_templates import ChatTemplate, chat_messages
+from mmadapter.core.encoding import chat_prompt_ids, encode_prompt, system_folded
 from mmadapter.core.examples import Example
-from mmadapter.core.templates import PromptTemplate
+from mmadapter.core.templates import Template
 
 
 def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -35,11 +37,22 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, model_type: str, text: str) 
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase,
     model_type: str,
-    template: PromptTemplate,
+    template: Template,
     message: str,
     history: Sequence[tuple[str, str]] = (),
+    *,
+    system: str = "",
+    image: bool = False,
 ) -> list[int]:
-    """The ids of the prompt that asks for the reply to `message` after `history`."""
+    """The ids of the prompt that asks for the reply to `message` after `history`. `system` is a chat template's
+    system turn (the official templates put it before the first question); `image` says the conversation has a
+    picture (V2), which a chat template that renders image parts marks in the first question."""
+    turns = (*history, (message, ""))
+    if isinstance(template, ChatTemplate):
+        messages = chat_messages(turns, system=system, image=image, image_parts=template.image_parts)
+        return chat_prompt_ids(tokenizer, template, messages)
+    example = Example(source="chat", turns=turns, system=system)
     if uses_glm_layout(model_type):
-        return encode_text(tokenizer, model_type, template.render(message, history=tuple(history)))
-    return encode_prompt(Example(source="chat", turns=(*history, (message, ""))), tokenizer, template)
+        (*past, (question, _)) = system_folded(example).turns
+        return encode_text(tokenizer, model_type, template.render(question, history=tuple(past)))
+    return encode_prompt(example, tokenizer, template)

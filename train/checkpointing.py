@@ -111,6 +111,7 @@ def save_checkpoint(
     training: dict[str, Any],
     prompt_template: str | None,
     keep: int,
+    chat_template: str | None = None,
 ) -> Path:
     """Write one checkpoint (every process calls this; each writes its own RNG state).
 
@@ -127,7 +128,14 @@ def save_checkpoint(
         atomic_write_bytes(tmp / f"rng_state_{accelerator.process_index}.pt", _tensor_bytes(rng_state()))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_adapter(model, tmp, prompt_template=prompt_template, training=training, state_dict=adapter)
+            save_adapter(
+                model,
+                tmp,
+                prompt_template=prompt_template,
+                chat_template=chat_template,
+                training=training,
+                state_dict=adapter,
+            )
             if optimizer_state is not None:
                 atomic_write_bytes(tmp / OPTIMIZER_FILE, _tensor_bytes(optimizer_state))
             (tmp / RECIPE_FILE).write_text(recipe_yaml)

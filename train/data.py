@@ -20,27 +20,48 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mmadapter.core.chat_templates import CHAT, chat_template_of
 from mmadapter.core.encoding import IGNORE_INDEX, Encoded, encode
 from mmadapter.core.examples import DataError, Example
-from mmadapter.core.templates import get_template
+from mmadapter.core.templates import Template, concrete_template_name, resolve_template
 from mmadapter.train.chatglm_data import ChatGLMDataConfig, ChatGLMRow, build_training_example, training_prompt
 from mmadapter.train.readers import BadSample, read_examples
-from mmadapter.train.recipe import DataSection, DataSource
+from mmadapter.train.recipe import DataSection, DataSource, Recipe
 from mmadapter.vision.images import ImageLoadError, check_image_header
 
 #: image path -> model inputs for that image, e.g. {"pixel_values": (3, H, W)}; raises ValueError/OSError.
 ImageLoader = Callable[[Path], dict[str, torch.Tensor]]
-#: (example, tokenizer, data section, its source) -> Encoded; raises DataError for an unusable example.
-Encoder = Callable[[Example, Any, DataSection, DataSource], Encoded]
+#: example -> Encoded; raises DataError for an unusable example.
+Encoder = Callable[[Example], Encoded]
 
 
-def encode_llama_style(example: Example, tokenizer, data: DataSection, source: DataSource) -> Encoded:
-    return encode(
-        example,
-        tokenizer,
-        get_template(data.template),
-        max_length=data.max_length,
-        caption_instruction=data.caption_instruction,
+def resolve_recipe_templates(recipe: Recipe, tokenizer, model_type: str) -> None:
+    """Decide every stage's `data.template: auto` for this tokenizer and base family, in place (the saved
+    recipe and the adapter folder then name the template used), and check that a chat template can be
+    trained with, before any data is read."""
+    for stage in recipe.stages:
+        name = concrete_template_name(stage.data.template, tokenizer, model_type)
+        if name == CHAT:
+            try:
+                chat_template_of(tokenizer)
+            except ValueError as error:
+                raise ValueError(f"data.template: {stage.data.template}: {error}") from None
+        stage.data.template = name
+
+
+def data_template(data: DataSection, tokenizer) -> Template:
+    """The prompt template of a data section (`auto` decided as for a LLaMA-style base: templates encode every
+    format but ChatGLM's, which has its own layout)."""
+    return resolve_template(data.template, tokenizer, "llama")
+
+
+def source_encoder(source: DataSource, tokenizer, data: DataSection) -> Encoder:
+    """How the examples of `source` become token ids: ChatGLM's own layout, or the data section's template."""
+    if source.format == "chatglm":
+        return lambda example: encode_chatglm(example, tokenizer, data, source)
+    template = data_template(data, tokenizer)
+    return lambda example: encode(
+        example, tokenizer, template, max_length=data.max_length, caption_instruction=data.caption_instruction
     )
 
 
@@ -65,10 +86,6 @@ def chatglm_data_config(data: DataSection, source: DataSource):
     return ChatGLMDataConfig(
         max_source_length=data.max_source_length, max_target_length=data.max_target_length, **source.options
     )
-
-
-#: Data format -> how its examples become token ids (all formats but ChatGLM's use the prompt templates).
-ENCODERS: dict[str, Encoder] = {"chatglm": encode_chatglm}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +160,7 @@ def read_source(
     source: DataSource, tokenizer, data: DataSection, kind: int, bad: BadSampleLog, show_progress: bool
 ) -> tuple[list[Sample], int]:
     """(tokenized samples, rows read) of one source; bad rows go to `bad`."""
-    encoder = ENCODERS.get(source.format, encode_llama_style)
+    encoder = source_encoder(source, tokenizer, data)
     samples: list[Sample] = []
     count = 0
     rows = read_examples(
@@ -160,7 +177,7 @@ def read_source(
             bad.add(item)
             continue
         try:
-            encoded = encoder(item, tokenizer, data, source)
+            encoded = encoder(item)
         except DataError as error:
             bad.add(BadSample(item.source, str(error)))
             continue

@@ -20,9 +20,15 @@ from mmadapter.adapters.backbones.presets import BASE_PRESETS
 from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
 from mmadapter.core.encoding import encode_prompt
 from mmadapter.core.examples import Example
-from mmadapter.core.templates import get_template
 from mmadapter.train.chatglm_data import ChatGLMRow, build_eval_example, eval_prompt
-from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, chatglm_data_config, load_samples
+from mmadapter.train.data import (
+    BadSampleLog,
+    Collator,
+    SupervisedDataset,
+    chatglm_data_config,
+    data_template,
+    load_samples,
+)
 from mmadapter.train.loss import TokenLoss, evaluate
 from mmadapter.train.metrics import corpus_scores
 from mmadapter.train.multimodal import image_loader_for
@@ -85,7 +91,7 @@ def _prompt_and_reference(example: Example, tokenizer, data: DataSection, source
         features = build_eval_example(tokenizer, eval_prompt(row, config), response, config)
         return features["input_ids"], tokenizer.decode(features["labels"], skip_special_tokens=True).strip()
     prompt = encode_prompt(
-        example, tokenizer, get_template(data.template), caption_instruction=data.caption_instruction
+        example, tokenizer, data_template(data, tokenizer), caption_instruction=data.caption_instruction
     )
     return prompt, example.turns[-1][1].strip()
 

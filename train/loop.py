@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmadapter.train.checkpointing import CHECKPOINTS, RECIPE_FILE, find_checkpoint, read_trainer_state
+from mmadapter.train.data import resolve_recipe_templates
 from mmadapter.train.loss import evaluate
 from mmadapter.train.recipe import Recipe, StageSection, dump_recipe
 from mmadapter.train.reporting import flat_hparams
@@ -74,6 +75,7 @@ def train(
     progress = Progress(**read_trainer_state(point.checkpoint)) if point else Progress()
     set_seed(recipe.stages[0].train.seed)  # before attaching, so the adapter's initialisation is reproducible
     model, tokenizer = build_model(recipe, model, tokenizer)
+    resolve_recipe_templates(recipe, tokenizer, model.config.model_type)
     run = Run(recipe, accelerator, model, tokenizer, output_dir, on_log)
     resume_state = resume_from(run, point, progress) if point is not None else None
     if accelerator.is_main_process:

@@ -1,9 +1,10 @@
 """Training-data file formats, read into `Example`s; a bad row becomes a `BadSample` naming file and line.
 
 Formats (spec llama-adapter.md §1.5, §3.6, §3.10; chatglm-6b-ptuning-v2.md §5.5):
-- `alpaca`: JSON list or JSONL of {instruction, input?, output} (Stanford Alpaca, GPT-4-LLM).
-- `conversation`: LLaVA-style JSON/JSONL {image?, conversations: [{from: human|gpt, value}, …]};
-  `<image>` marks where the picture was, and is removed (the image enters as a visual prompt).
+- `alpaca`: JSON list or JSONL of {instruction, input?, output, system?} (Stanford Alpaca, GPT-4-LLM).
+- `conversation`: LLaVA-style JSON/JSONL {image?, conversations: [{from: system?|human|gpt, value}, …]}
+  (a system message comes first); `<image>` marks where the picture was, and is removed (the image enters
+  as a visual prompt; a chat template that renders image parts puts its own marker in the first question).
 - `coco-captions`: COCO captions annotations JSON {images: [{id, file_name}], annotations: [{image_id, caption}]}.
 - `caption-jsonl`: JSON list or JSONL of {image, caption}.
 - `chatglm`: AdvertiseGen-style JSONL {content, summary} (columns configurable, optional history).
@@ -27,7 +28,8 @@ from typing import Any
 from mmadapter.core.examples import DataError, Example, check_encodable
 from mmadapter.train.chatglm_data import ChatGLMDataConfig, ChatGLMRow, MalformedRowError, parse_row
 
-#: Roles accepted in conversation files, mapped to user / assistant.
+#: Roles accepted in conversation files, mapped to system / user / assistant.
+SYSTEM_ROLE = "system"
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 IMAGE_TOKEN = "<image>"
@@ -173,7 +175,8 @@ def _parse_rows(
 def read_alpaca(path: Path, images: ImageRoot, options: dict[str, Any], limit: int | None = None):
     def parse(location: str, row: dict[str, Any]) -> Example:
         instruction, output = _text(row, "instruction"), _text(row, "output")
-        return Example(location, ((instruction, output),), input=_text(row, "input", required=False))
+        system = _text(row, "system", required=False)
+        return Example(location, ((instruction, output),), input=_text(row, "input", required=False), system=system)
 
     return _parse_rows(path, parse, limit)
 
@@ -183,27 +186,31 @@ def read_conversation(path: Path, images: ImageRoot, options: dict[str, Any], li
         messages = row.get("conversations")
         if not isinstance(messages, list) or not messages:
             raise DataError("missing field 'conversations' (a list of {from, value} messages)")
-        turns, pending = [], None
+        turns, pending, system = [], None, ""
         for i, message in enumerate(messages):
             if not isinstance(message, dict):
                 raise DataError(f"conversations[{i}]: expected an object, got {type(message).__name__}")
             role = _text(message, "from")
             value = _text(message, "value").replace(IMAGE_TOKEN, "").strip()
-            if pending is None and role in USER_ROLES:
+            if i == 0 and role == SYSTEM_ROLE:
+                system = value
+            elif pending is None and role in USER_ROLES:
                 pending = value
             elif pending is not None and role in ASSISTANT_ROLES:
                 turns.append((pending, value))
                 pending = None
             else:
                 expected = "human" if pending is None else "gpt"
-                raise DataError(f"conversations[{i}]: expected a {expected!r} message, got {role!r}")
+                only_first = " (a system message comes first or not at all)" if role == SYSTEM_ROLE else ""
+                raise DataError(f"conversations[{i}]: expected a {expected!r} message, got {role!r}{only_first}")
         if pending is not None:
             raise DataError("conversation ends with a human message (no reply to train on)")
         mentions_image = any(IMAGE_TOKEN in str(m.get("value", "")) for m in messages)
         image = row.get("image")
         if mentions_image and image is None:
             raise DataError(f"a message contains {IMAGE_TOKEN} but the row has no 'image' field")
-        return Example(location, tuple(turns), image=images.resolve(_text(row, "image")) if image else None)
+        image_path = images.resolve(_text(row, "image")) if image else None
+        return Example(location, tuple(turns), image=image_path, system=system)
 
     return _parse_rows(path, parse, limit)
 

@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from torch.optim.lr_scheduler import LRScheduler
 
+from mmadapter.core.templates import template_record
 from mmadapter.train.checkpointing import (
     CHECKPOINTS,
     ResumePoint,
@@ -57,8 +58,8 @@ def save_training_state(
         trainer_state=dataclasses.asdict(progress),
         recipe_yaml=dump_recipe(run.recipe),
         training=run.recipe.to_dict(),
-        prompt_template=stage.data.template,
         keep=stage.train.keep_checkpoints,
+        **template_record(stage.data.template, run.tokenizer),
     )
     run.print(f"checkpoint: {path}")
 

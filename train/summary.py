@@ -11,6 +11,7 @@ from typing import Any
 
 from mmadapter.adapters.io.checkpoint import save_adapter
 from mmadapter.adapters.methods.base import adapter_config_of
+from mmadapter.core.templates import template_record
 from mmadapter.train.checkpointing import gathered_adapter
 from mmadapter.train.data import BadSampleLog
 from mmadapter.train.recipe import StageSection
@@ -111,7 +112,8 @@ def save_outputs(run: Run, directory: Path, summary: dict[str, Any], stages: lis
     adapter = gathered_adapter(run.accelerator, run.model)
     if not run.accelerator.is_main_process:
         return
-    save_adapter(run.model, directory, prompt_template=template, training=run.recipe.to_dict(), state_dict=adapter)
+    record = template_record(template, run.tokenizer)
+    save_adapter(run.model, directory, training=run.recipe.to_dict(), state_dict=adapter, **record)
     write_summary(summary, directory)
     message = plot_loss_curve(stages, directory / CURVE_FILE, title=run.recipe.name)
     if message:

@@ -86,6 +86,8 @@ class AdapterDocument:
     base: BaseRecord | None = None
     mmadapter_version: str | None = None
     prompt_template: str | None = None
+    chat_template: str | None = None
+    """With prompt_template `chat`: the Jinja chat template trained with, which serving renders."""
     training: dict[str, Any] | None = None
     license: str | None = None
 
@@ -120,8 +122,11 @@ def save_adapter(
     prompt_template: str | None = None,
     training: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write the adapter of `model` (weights + config) into `directory`; returns the folder.
+
+    `chat_template` is the Jinja source of a `chat` prompt template (recorded only when given).
 
     `state_dict` (model parameter names) replaces `adapter_state_dict(model)` when the parameters are
     not plain tensors on the model, e.g. gathered from FSDP / DeepSpeed shards by the training loop.
@@ -138,6 +143,7 @@ def save_adapter(
         "adapter": config.to_dict(),
         "base": base_fingerprint(model),
         "prompt_template": prompt_template,
+        **({"chat_template": chat_template} if chat_template is not None else {}),
         "training": training,
     }
     atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(document, indent=2) + "\n").encode())
