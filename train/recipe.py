@@ -118,6 +118,9 @@ class TrainSection:
     betas: tuple[Float, Float] = (0.9, 0.999)
     eps: Float = 1e-8
     grad_clip: Float | None = None
+    gradient_checkpointing: Bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them: activation
+    memory of one layer instead of all, for about one more forward pass of compute. Gradients are unchanged."""
     log_every: Int = 10
     eval_every: Int | None = None
     save_every: Int | None = None

@@ -217,6 +217,7 @@ def setup_stage(run: Run, stage: StageSection, resume_state: ResumeState | None)
     accelerator = run.accelerator
     kinds = sample_kinds(stage.data.train, stage.trains)
     route = backward_for(select_trainable(run.model, kinds))
+    set_gradient_checkpointing(run.model, stage.train.gradient_checkpointing)
     report = stage_report(run.model, kinds)
     run.print(format_report(report))
     if len(kinds) > 1 and accelerator.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU"):
@@ -247,6 +248,27 @@ def select_trainable(model: nn.Module, kinds: list[str | None]) -> dict[str | No
         for param in params:
             param.requires_grad_(True)
     return params_by_kind
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn activation checkpointing of the decoder layers on or off for a stage (train.gradient_checkpointing).
+
+    Non-reentrant checkpointing sends gradients to every tensor a replayed layer uses, keyword arguments (V2's
+    visual prompt) and module parameters (prompts, gates, bias/scale, LoRA) included, so the frozen embedding's
+    output need not require grad: transformers' input hook is removed again, and the frozen layers below the
+    first trainable parameter stay out of the backward pass.
+    """
+    if not enabled:
+        if getattr(model, "supports_gradient_checkpointing", False):
+            model.activation_checkpointing_disable()
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"train.gradient_checkpointing: {type(model).__name__} does not support activation checkpointing; "
+            "set it to false"
+        )
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.disable_input_require_grads()
 
 
 def stage_report(model: nn.Module, kinds: list[str | None]) -> dict[str, Any]:
