@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "mmadapter.cli.info_command",
     "mmadapter.cli.convert_command",
     "mmadapter.cli.push_command",
+    "mmadapter.cli.export_command",
     "mmadapter.cli.train_command",
     "mmadapter.cli.serve_commands",
     "mmadapter.cli.demo_command",

@@ -1,4 +1,5 @@
-"""`mmadapter push DIR REPO_ID`: publish an adapter folder to the Hugging Face hub with a model card.
+"""`mmadapter push DIR REPO_ID`: publish an adapter folder, or a model folder written by `mmadapter export`, to
+the Hugging Face hub with a model card.
 
 The folder is checked offline before anything is sent; the token comes from huggingface_hub's usual
 places (HF_TOKEN, `hf auth login`) or from the environment variable named by `--token-env`, never
@@ -16,12 +17,16 @@ from pathlib import Path
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "push",
-        help="upload an adapter folder to the Hugging Face hub (one commit, with a generated model card)",
-        description="Check DIR offline, then upload its adapter files and a generated README.md to REPO_ID in one "
-        "commit. The repo is created if it does not exist.",
+        help="upload an adapter folder or an exported model to the Hugging Face hub (one commit, with a model card)",
+        description="Check DIR offline, then upload its adapter files (or, for a folder written by `mmadapter "
+        "export`, the model's files) and a generated README.md to REPO_ID in one commit. The repo is created if it "
+        "does not exist.",
     )
     parser.add_argument(
-        "directory", metavar="DIR", type=Path, help="adapter folder (adapter_model.safetensors + mmadapter_config.json)"
+        "directory",
+        metavar="DIR",
+        type=Path,
+        help="adapter folder (adapter_model.safetensors + mmadapter_config.json), or an `mmadapter export` folder",
     )
     parser.add_argument("repo_id", metavar="REPO_ID", help="hub repository, e.g. yourname/llama-7b-adapter-v1-alpaca")
     parser.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
@@ -80,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         "revision": args.revision or "main",
         "endpoint": resolve_endpoint(args.endpoint),
         "method": plan.folder.method,
+        "what": plan.description,
         "files": [*plan.files, "README.md"],
         "bytes": plan.size_bytes,
     }

@@ -5,7 +5,9 @@ add what a shared adapter needs (the base model's hub identity, a license, a mod
 a hub repo id. `push_to_hub` checks the folder offline first (`inspect_adapter_folder`), then makes
 ONE commit with the adapter files and a generated model card through huggingface_hub:
 `create_repo` + `create_commit` (the call `upload_folder` makes), with an explicit file list so no
-stray file of a training folder (optimizer states, data, logs) is ever published.
+stray file of a training folder (optimizer states, data, logs) is ever published. A folder written by
+`mmadapter export` is published the same way as a model repository: the files its record lists, checked
+by `inspect_exported_folder`, with a card for the standalone model.
 
 Downloads go through the hub cache (`snapshot_download`, adapter files only), so a loaded adapter
 loads again offline (`HF_HUB_OFFLINE=1`). Only safetensors are loaded: `.bin`/`.pth` files are never
@@ -49,6 +51,12 @@ from mmadapter.adapters.io.checkpoint import (
     load_adapter,
     read_adapter_config,
     save_adapter,
+)
+from mmadapter.adapters.io.exported_model import (
+    ExportedFolder,
+    build_export_card,
+    inspect_exported_folder,
+    is_exported_folder,
 )
 from mmadapter.adapters.io.model_card import LOSS_CURVE_FILE, TRAINING_SUMMARY_FILE, build_model_card
 
@@ -113,9 +121,13 @@ def save_pretrained(
     return directory
 
 
-def publishable_files(folder: AdapterFolder, include: tuple[str, ...] | list[str] = ()) -> list[str]:
-    """The folder's files a push uploads: the adapter's own, plus top-level files matching `include`."""
-    names = [WEIGHTS_FILE, CONFIG_FILE, *(n for n in OPTIONAL_FILES if (folder.path / n).is_file())]
+def publishable_files(folder: AdapterFolder | ExportedFolder, include: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The folder's files a push uploads: the adapter's own (an exported model's: those its record lists), plus
+    top-level files matching `include`."""
+    if isinstance(folder, ExportedFolder):
+        names = folder.publishable_files
+    else:
+        names = [WEIGHTS_FILE, CONFIG_FILE, *(n for n in OPTIONAL_FILES if (folder.path / n).is_file())]
     for pattern in include:
         matched = sorted(p.name for p in folder.path.iterdir() if p.is_file() and fnmatch.fnmatch(p.name, pattern))
         if not matched:
@@ -131,10 +143,17 @@ def publishable_files(folder: AdapterFolder, include: tuple[str, ...] | list[str
 class PushPlan:
     """Everything a push will send, decided before any network call."""
 
-    folder: AdapterFolder
+    folder: AdapterFolder | ExportedFolder
     repo_id: str
     files: list[str]
     card: ModelCard
+
+    @property
+    def description(self) -> str:
+        """What is published, in words (the default commit message says it)."""
+        if isinstance(self.folder, ExportedFolder):
+            return f"model exported from a {self.folder.method} adapter"
+        return f"{self.folder.method} adapter"
 
     @property
     def size_bytes(self) -> int:
@@ -150,15 +169,19 @@ def plan_push(
     model_card: str | Path | None = None,
     include: tuple[str, ...] | list[str] = (),
 ) -> PushPlan:
-    """Validate the folder and the repo id, and build the card: fails here, offline, or not at all."""
+    """Validate the folder (an adapter folder, or a model folder written by `mmadapter export`) and the repo id,
+    and build the card: fails here, offline, or not at all."""
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise ValueError(f"invalid repo id {repo_id!r}: {error}") from error
-    folder = inspect_adapter_folder(directory)
+    exported = is_exported_folder(directory)
+    folder = inspect_exported_folder(directory) if exported else inspect_adapter_folder(directory)
     files = publishable_files(folder, include)
     if model_card is not None:
         card = ModelCard(Path(model_card).read_text())
+    elif exported:
+        card = build_export_card(folder, repo_id, base_model=base_model, license=license)
     else:
         card = build_model_card(folder, repo_id, base_model=base_model, license=license, files=[*files, CARD_FILE])
     return PushPlan(folder=folder, repo_id=repo_id, files=files, card=card)
@@ -229,7 +252,7 @@ def send_push(
     return api.create_commit(
         plan.repo_id,
         operations,
-        commit_message=commit_message or f"Upload {plan.folder.method} adapter (mmadapter)",
+        commit_message=commit_message or f"Upload {plan.description} (mmadapter)",
         revision=revision,
     )
 
