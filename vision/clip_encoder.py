@@ -1,10 +1,12 @@
-"""Frozen CLIP image encoder (open_clip vision tower) returning every token, as LLaMA-Adapter V2 uses it.
+"""Frozen image encoder (an open_clip vision tower, CLIP or SigLIP) returning every token, as LLaMA-Adapter V2 uses it.
 
 Spec: `specs/llama-adapter.md` §3.1-3.2. The official multimodal model runs CLIP ViT-L/14's vision
 tower by hand (`clip_encode_image`): patchify, prepend the class token, add positions, `ln_pre`, the
 transformer, then `ln_post` on ALL tokens and the visual projection on all tokens, giving
-(B, 257, 768). open_clip only exposes the pooled class token after `proj`, so `forward` writes those
-few lines out (open_clip's `_embeds` is private); a test checks the class token against open_clip.
+(B, 257, 768). open_clip only exposes the pooled feature after `proj`, so `mmadapter.vision.towers`
+writes those few lines out, and defines the same sequence for SigLIP's timm towers (pooled image
+embedding first, then the patch tokens); tests check position 0 against open_clip's image embedding.
+Preprocessing (size, mean/std, resize mode) comes from the tower's own open_clip config.
 
 Only the vision tower is built (the text tower never exists, as in the official code's
 `del clip.transformer`). Trap (`specs/ecosystem-notes.md` §6): OpenAI's weights were trained with
@@ -26,14 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
+import timm
 import torch
 from open_clip.model import _build_vision_tower
+from open_clip.timm_model import TimmModel
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import nn
 
 from mmadapter.core.files import atomic_save_tensors, atomic_write_bytes, file_sha256
+from mmadapter.vision.tiny import TINY_MODELS, TINY_PREPROCESS, register_tiny_configs
+from mmadapter.vision.towers import SUPPORTED, tower_tokens, tower_width, unsupported_reason
 from mmadapter.vision.transforms import clip_transform
 from mmadapter.vision.weights import (
     HF_CLIP_MARKER,
@@ -45,19 +50,9 @@ from mmadapter.vision.weights import (
 
 logger = logging.getLogger(__name__)
 
-TINY_CONFIG_DIR = Path(__file__).parent / "model_configs"
-#: Tiny architectures for tests and the embedded demo (2 layers, width 64, patch 8).
-TINY_MODELS = ("mmadapter-tiny-vit", "mmadapter-tiny-vit-64")
 #: Written by `FrozenCLIPEncoder.save`; open_clip's `local-dir:` layout uses the same file names.
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
-
-
-def register_tiny_configs() -> tuple[str, ...]:
-    """Make the tiny architectures known to open_clip (idempotent), e.g. for `open_clip.create_model`."""
-    if not set(TINY_MODELS) <= set(open_clip.list_models()):
-        open_clip.add_model_config(TINY_CONFIG_DIR)
-    return TINY_MODELS
 
 
 def _architecture_config(model_name: str) -> dict[str, Any]:
@@ -69,11 +64,36 @@ def _architecture_config(model_name: str) -> dict[str, Any]:
     return config
 
 
+def _architecture_preprocess(model_name: str) -> dict[str, Any]:
+    """The preprocessing an architecture's weights were trained with, when only its name is known.
+
+    open_clip keeps mean/std/resize mode per pretrained tag, not per architecture; when all of an
+    architecture's tags agree (every SigLIP: mean = std = 0.5, squash) that is the architecture's. Loading a
+    SigLIP weights file with CLIP's constants would silently shift every feature.
+    """
+    defaults = asdict(PreprocessCfg())
+    if model_name in TINY_PREPROCESS:
+        return merge_preprocess_dict(defaults, TINY_PREPROCESS[model_name])
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    candidates = [merge_preprocess_dict(defaults, open_clip.get_pretrained_cfg(model_name, tag)) for tag in tags]
+    if candidates and all(candidate == candidates[0] for candidate in candidates):
+        return candidates[0]
+    if candidates:
+        logger.warning(
+            "%s: its open_clip tags (%s) preprocess differently; using CLIP's mean/std. Point pretrained at a "
+            "folder with open_clip_config.json, or give the tag name, to use the weights' own preprocessing",
+            model_name,
+            ", ".join(tags),
+        )
+    return defaults
+
+
 class _Source:
     """Where an encoder's architecture, preprocessing and weights come from, and whether QuickGELU is implied."""
 
     def __init__(self, model_name: str, pretrained: str | Path | None, cache_dir: str | None, fetch: bool) -> None:
         self.name = model_name
+        self.origin = f"open_clip architecture {model_name}"  # what errors about the architecture name
         self.preprocess = asdict(PreprocessCfg())
         self.weights: Path | None = None
         self.quick_gelu_hint: str | None = None  # why QuickGELU is needed, if something says so
@@ -86,22 +106,29 @@ class _Source:
             self._read_tag(str(pretrained), cache_dir, fetch)
         else:
             self.config = _architecture_config(model_name)
+            self.preprocess = _architecture_preprocess(model_name)
         if self.config.get("quick_gelu"):
             self.quick_gelu_hint = f"architecture config {self.name} sets quick_gelu"
         elif self.weights is not None and not self.quick_gelu_hint and is_torchscript_archive(self.weights):
             self.quick_gelu_hint = f"{self.weights} is a TorchScript archive, the format of OpenAI's CLIP release"
 
     def _read_open_clip_folder(self, path: Path) -> None:
-        """open_clip's `local-dir` layout (also written by `FrozenCLIPEncoder.save`)."""
+        """open_clip's `local-dir` layout: a Hugging Face open_clip download (timm/ViT-B-16-SigLIP, laion/...)
+        or a folder written by `FrozenCLIPEncoder.save`. Downloads name no architecture; the folder's name
+        stands in for it."""
         document = json.loads((path / CONFIG_FILE).read_text())
         self.config = document.get("model_cfg", document)
-        self.name = document.get("model_name", self.name)
+        if not isinstance(self.config, dict) or not isinstance(self.config.get("vision_cfg"), dict):
+            raise ValueError(f"{path / CONFIG_FILE}: no model_cfg.vision_cfg; is this an open_clip model folder?")
+        self.name = document.get("model_name") or path.resolve().name
+        self.origin = f"{self.name} ({path / CONFIG_FILE})"
         self.preprocess = merge_preprocess_dict(self.preprocess, document.get("preprocess_cfg", {}))
         self.weights = find_weights_file(path)
 
     def _read_local_weights(self, path: Path) -> None:
         """A weights file, or a folder with one (e.g. a transformers CLIP folder, whose config names the activation)."""
         self.config = _architecture_config(self.name)
+        self.preprocess = _architecture_preprocess(self.name)
         self.weights = find_weights_file(path) if path.is_dir() else path
         if path.is_dir() and (path / "config.json").is_file():
             hf_config = json.loads((path / "config.json").read_text())
@@ -134,25 +161,42 @@ def _visual_state(state: dict[str, torch.Tensor], source: str) -> dict[str, torc
     return state
 
 
-def _check_token_tower(visual: nn.Module, model_name: str) -> None:
-    """All-token features are defined for open_clip's plain ViT: class token, ln_post per token, proj."""
-    if not isinstance(visual, VisionTransformer):
+def _build_on_meta(source: _Source, build: Callable[[], nn.Module]) -> nn.Module:
+    """The tower's shapes, or an error naming the config and what to do when open_clip cannot build it."""
+    timm_name = source.config["vision_cfg"].get("timm_model_name")
+    if timm_name and timm_name.startswith("mmadapter_"):
+        register_tiny_configs()
+    if timm_name and not timm.is_model(timm_name):
         raise ValueError(
-            f"{model_name}: token features need an open_clip VisionTransformer, not {type(visual).__name__}"
+            f"{source.origin}: its vision tower is the timm model {timm_name!r}, which timm "
+            f"{timm.__version__} does not have; upgrade timm and open_clip_torch, or use a tower this version "
+            "knows (timm.list_models('*siglip*'))"
         )
-    if visual.attn_pool is not None or visual.final_ln_after_pool or visual.proj is None:
-        raise ValueError(f"{model_name}: attentional pooling / final_ln_after_pool / no projection is not supported")
+    try:
+        with torch.device("meta"):
+            visual = build()
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as error:
+        raise ValueError(
+            f"{source.origin}: open_clip {open_clip.__version__} cannot build its vision tower "
+            f"({type(error).__name__}: {error}); check vision_cfg against open_clip's model_configs, or upgrade "
+            "open_clip_torch and timm"
+        ) from error
+    reason = unsupported_reason(visual)
+    if reason is not None:
+        raise ValueError(f"{source.origin}: {reason}; {SUPPORTED}")
+    return visual
 
 
 class FrozenCLIPEncoder(nn.Module):
-    """CLIP vision tower, frozen: `forward(pixels (B, 3, H, W)) -> (B, 1 + patches, output_dim)`.
+    """An open_clip vision tower (CLIP or SigLIP ViT), frozen: `forward(pixels (B, 3, H, W)) -> (B, 1 + patches,
+    output_dim)`, the pooled image embedding first, then every patch token (`mmadapter.vision.towers`).
 
     `pretrained`: None (random init from `seed`), a weights file (safetensors, `torch.save` state dict
-    of a full open_clip CLIP or of the vision tower alone, OpenAI's TorchScript `.pt`, a transformers
-    `CLIPModel`), a folder (with `open_clip_config.json`, as written by `save` or open_clip's
-    `local-dir:` layout; or a transformers CLIP folder; or any folder with one weights file), or an
-    open_clip pretrained tag (needs a reachable hub). `device="meta"` builds the
-    shapes only (for parameter counts) and loads nothing.
+    of a full open_clip model or of the vision tower alone, OpenAI's TorchScript `.pt`, a transformers
+    `CLIPModel`, a timm SigLIP trunk), a folder (with `open_clip_config.json`: an open_clip download such
+    as timm/ViT-B-16-SigLIP or laion/CLIP-ViT-B-32-laion2B-s34B-b79K, or a folder written by `save`; or a
+    transformers CLIP folder; or any folder with one weights file), or an open_clip pretrained tag (needs
+    a reachable hub). `device="meta"` builds the shapes only (for parameter counts) and loads nothing.
 
     The module stays in eval mode and its parameters never require grad, whatever a parent module
     calls; `forward` runs without autograd, so no gradient can reach CLIP.
@@ -186,14 +230,15 @@ class FrozenCLIPEncoder(nn.Module):
         self.quick_gelu = quick_gelu
         self.seed = seed
         self.architecture = {**source.config, "quick_gelu": quick_gelu}
-        self.visual = self._build(source.config, quick_gelu, device, dtype)
+        self.visual = self._build(source, quick_gelu, device, dtype)
         self.visual.requires_grad_(False)
         preprocess = merge_preprocess_dict(source.preprocess, {"size": self.visual.image_size})
         #: open_clip preprocessing fields; sequences as tuples, whether they came from code or JSON.
         self.preprocess_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.items()}
         super().train(False)
 
-    def _build(self, config: dict[str, Any], quick_gelu: bool, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    def _build(self, source: _Source, quick_gelu: bool, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        config = source.config
         vision_cfg = {**config["vision_cfg"], "timm_model_pretrained": False}
 
         def build() -> nn.Module:
@@ -201,9 +246,9 @@ class FrozenCLIPEncoder(nn.Module):
             # bf16/fp16) fails once `.to(dtype)` makes its weights low precision ("mixed dtype").
             return _build_vision_tower(config["embed_dim"], vision_cfg, quick_gelu, None)
 
-        with torch.device("meta"):
-            visual = build()
-        _check_token_tower(visual, self.model_name)
+        visual = _build_on_meta(source, build)
+        probe = tower_tokens(visual, torch.empty(1, 3, *visual.image_size, device="meta"))
+        self.num_tokens, self.output_dim = probe.shape[1:]
         if device.type == "meta":
             return visual.to(dtype=dtype)
         if self.weights_path is None:  # built on the CPU generator alone: the same weights on every machine
@@ -211,6 +256,8 @@ class FrozenCLIPEncoder(nn.Module):
                 torch.default_generator.manual_seed(self.seed)
                 return build().to(device=device, dtype=dtype)
         state = _visual_state(read_state_dict(self.weights_path), str(self.weights_path))
+        if isinstance(visual, TimmModel) and not any(key.startswith("trunk.") for key in state):
+            state = {f"trunk.{key}": tensor for key, tensor in state.items()}  # a timm checkpoint of the trunk alone
         try:
             visual.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as error:
@@ -227,31 +274,27 @@ class FrozenCLIPEncoder(nn.Module):
         return super().requires_grad_(False)
 
     # --- description ------------------------------------------------------------------------------
-    @property
-    def output_dim(self) -> int:
-        return self.visual.output_dim
+    num_tokens: int
+    """The pooled token plus one token per patch (257 for ViT-L/14 at 224 px, 197 for SigLIP B/16 at 224 px)."""
+    output_dim: int
+    """Width of every token: CLIP's projection width, SigLIP's tower width; the projector's input width."""
 
     @property
     def width(self) -> int:
-        return self.visual.conv1.out_channels
+        """The transformer's width (before the projection)."""
+        return tower_width(self.visual)
 
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.visual.image_size)
 
     @property
-    def num_tokens(self) -> int:
-        """Class token plus one token per patch (257 for ViT-L/14 at 224 px)."""
-        grid_h, grid_w = self.visual.grid_size
-        return 1 + grid_h * grid_w
-
-    @property
     def dtype(self) -> torch.dtype:
-        return self.visual.conv1.weight.dtype
+        return next(self.visual.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.visual.conv1.weight.device
+        return next(self.visual.parameters()).device
 
     @cached_property
     def identity(self) -> str:
@@ -265,24 +308,19 @@ class FrozenCLIPEncoder(nn.Module):
     # --- use --------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """All tokens after `ln_post` and the projection: (B, num_tokens, output_dim), in `self.dtype`."""
-        visual = self.visual
+        """The pooled image embedding, then every patch token, each after the tower's final norm and projection:
+        (B, num_tokens, output_dim), in `self.dtype`. For CLIP this is the official `clip_encode_image`."""
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, *self.image_size):
             raise ValueError(
                 f"expected pixels of shape (B, 3, {self.image_size[0]}, {self.image_size[1]}), "
                 f"got {tuple(pixels.shape)}"
             )
-        x = visual.conv1(pixels.to(device=self.device, dtype=self.dtype))  # (B, width, grid_h, grid_w)
-        x = x.flatten(2).transpose(1, 2)  # (B, patches, width)
-        class_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([class_token, x], dim=1) + visual.positional_embedding.to(x.dtype)
-        x = visual.transformer(visual.ln_pre(x))  # patch dropout is the identity in eval mode
-        return visual.ln_post(x) @ visual.proj
+        return tower_tokens(self.visual, pixels.to(device=self.device, dtype=self.dtype))
 
     def zero_image_features(self) -> torch.Tensor:
         """Tokens (1, num_tokens, output_dim) of the all-zero image that text-only samples see in the released
         training. The tower is frozen, so they are computed once per weights, device and dtype, not per batch."""
-        weight = self.visual.conv1.weight
+        weight = next(self.visual.parameters())
         key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
         cached = getattr(self, "_zero_image_cache", None)
         if cached is None or cached[0] != key:

@@ -189,6 +189,12 @@ def hf_clip_to_open_clip_visual(state: dict[str, torch.Tensor], source: str) -> 
     transformers keeps q/k/v as three linears (open_clip: one `in_proj`) and stores the projection
     as a Linear weight (open_clip: its transpose); everything else is a rename.
     """
+    if "vision_model.head.probe" in state:
+        raise ValueError(
+            f"{source}: a transformers SigLIP checkpoint; mmadapter reads SigLIP in open_clip's layout: download "
+            "the open_clip release (e.g. timm/ViT-B-16-SigLIP: open_clip_config.json + open_clip_model.safetensors) "
+            "and point at that folder"
+        )
     if "visual_projection.weight" not in state:
         raise ValueError(f"{source}: no visual_projection.weight (a CLIPVisionModel without projection?)")
     tower = {new: state[old] for old, new in _HF_TOP_RENAMES.items()}

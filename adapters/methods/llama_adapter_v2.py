@@ -142,10 +142,14 @@ class LlamaAdapterV2Config(AdapterConfig):
     visual_mlp_ratio: Float = 4.0
     """MLP width / block width (released 4.0)."""
     clip_model: str = "ViT-L-14-quickgelu"
-    """open_clip architecture of the frozen image encoder (OpenAI's ViT-L/14 weights need QuickGELU)."""
+    """open_clip architecture of the frozen image encoder, CLIP or SigLIP (OpenAI's ViT-L/14 weights need
+    QuickGELU); a clip_pretrained folder with open_clip_config.json names its own architecture instead."""
     clip_pretrained: str | None = None
     """Local weights file/folder or open_clip tag for the encoder; machine-specific, so load_adapter
     accepts it as an override. None builds a randomly initialised encoder (tests only)."""
+    clip_width: Int | None = None
+    """Width of the encoder's tokens, the projector's input (ViT-L/14: 768, SigLIP B/16: 768, SO400M: 1152).
+    None: the encoder's; attaching fills it in, so a saved adapter's shapes are known without its tower."""
     image_channel_order: str = "rgb"
     """'bgr' for official checkpoints, which were trained on BGR images read as RGB (spec §3.8)."""
     text_only_image: str = "zeros"
@@ -308,11 +312,12 @@ def _attach_vision(model: nn.Module, config: LlamaAdapterV2Config) -> None:
         logger.warning("llama-adapter-v2: clip_pretrained is not set, so CLIP is randomly initialised (tests only)")
     # Frozen CLIP in the LM's dtype (the official code runs it in fp16 on GPUs); loads nothing on "meta".
     encoder = FrozenCLIPEncoder(config.clip_model, config.clip_pretrained, device=device, dtype=parameter.dtype)
+    clip_dim = _projector_input_width(config, encoder, device)
     lm_dim = model.config.hidden_size
     with torch.device(device):  # projector weights are float32 masters, like the other adapter parameters
         if config.visual_projector == "v2":
             projector = VisualProjectorV2(
-                encoder.output_dim,
+                clip_dim,
                 lm_dim,
                 width=config.visual_width,
                 query_len=config.prompt_length,
@@ -321,7 +326,7 @@ def _attach_vision(model: nn.Module, config: LlamaAdapterV2Config) -> None:
                 mlp_ratio=config.visual_mlp_ratio,
             )
         else:
-            projector = VisualProjectorV1(encoder.output_dim, lm_dim)
+            projector = VisualProjectorV1(clip_dim, lm_dim)
     model.add_module(ENCODER_ATTRIBUTE, encoder)
     model.add_module(PROJECTOR_ATTRIBUTE, projector)
     prompter = VisualPrompter(
@@ -334,6 +339,22 @@ def _attach_vision(model: nn.Module, config: LlamaAdapterV2Config) -> None:
     # A plain attribute, not a submodule: the encoder and projector are registered above, under the names
     # their checkpoint keys use; the prompter only refers to them (and deep copies rebind it).
     setattr(model, PROMPTER_ATTRIBUTE, prompter)
+
+
+def _projector_input_width(config: LlamaAdapterV2Config, encoder: FrozenCLIPEncoder, device: torch.device) -> int:
+    """The projector's input width: the tower's token width, which `config.clip_width` records once known.
+
+    A shapes-only build without the tower's weights (meta device, no clip_pretrained: checking a saved
+    folder on any machine) stands in the config's architecture for the tower, so the recorded width wins."""
+    if config.clip_width is None:
+        config.clip_width = encoder.output_dim
+    elif config.clip_width != encoder.output_dim and not (device.type == "meta" and config.clip_pretrained is None):
+        raise ValueError(
+            f"{config.method}: the projector reads tokens of width clip_width={config.clip_width}, but the vision "
+            f"tower {encoder.model_name} gives {encoder.output_dim}; point clip_pretrained at the tower the adapter "
+            "was trained with"
+        )
+    return config.clip_width
 
 
 def _accept_visual_prompt_in_generate(model: nn.Module) -> None:

@@ -186,7 +186,7 @@ def test_clear_errors(tmp_path, reference_clip):
     torch.save(reference_clip(model_name="mmadapter-tiny-vit-64").state_dict(), wrong)
     with pytest.raises(ValueError, match="wrong.pt: weights do not fit mmadapter-tiny-vit"):
         FrozenCLIPEncoder("mmadapter-tiny-vit", pretrained=wrong)
-    with pytest.raises(ValueError, match="token features need an open_clip VisionTransformer"):
+    with pytest.raises(ValueError, match="RN50: token features need a ViT tower, not ModifiedResNet; .*SigLIP"):
         FrozenCLIPEncoder("RN50", device="meta")
 
 
