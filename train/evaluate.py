@@ -20,6 +20,7 @@ from mmadapter.adapters.backbones.presets import BASE_PRESETS
 from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
 from mmadapter.core.encoding import encode_prompt
 from mmadapter.core.examples import Example
+from mmadapter.core.templates import Template
 from mmadapter.train.chatglm_data import ChatGLMRow, build_eval_example, eval_prompt
 from mmadapter.train.data import (
     BadSampleLog,
@@ -83,16 +84,16 @@ def loss_and_perplexity(model, tokenizer, sources: list[DataSource], data: DataS
     return {**result, "samples": len(dataset), "bad_samples": len(bad.samples) + len(unreadable)}
 
 
-def _prompt_and_reference(example: Example, tokenizer, data: DataSection, source: DataSource) -> tuple[list[int], str]:
+def _prompt_and_reference(
+    example: Example, tokenizer, data: DataSection, source: DataSource, template: Template
+) -> tuple[list[int], str]:
     if source.format == "chatglm":
         config = chatglm_data_config(data, source)
         (*history, (query, response)) = example.turns
         row = ChatGLMRow(query, response, tuple(history), example.source)
         features = build_eval_example(tokenizer, eval_prompt(row, config), response, config)
         return features["input_ids"], tokenizer.decode(features["labels"], skip_special_tokens=True).strip()
-    prompt = encode_prompt(
-        example, tokenizer, data_template(data, tokenizer), caption_instruction=data.caption_instruction
-    )
+    prompt = encode_prompt(example, tokenizer, template, caption_instruction=data.caption_instruction)
     return prompt, example.turns[-1][1].strip()
 
 
@@ -114,6 +115,9 @@ def generation_scores(
     predictions, references = [], []
     device = next(model.parameters()).device
     sampling = {"do_sample": False} if greedy else OFFICIAL_SAMPLING
+    template = data_template(data, tokenizer)
+    # A chat template's end-of-turn token ends an answer too (Llama 3's <|eot_id|> is not its EOS).
+    stops = {"eos_token_id": [tokenizer.eos_token_id, *template.stop_token_ids]} if template.stop_token_ids else {}
     for source in sources:
         examples = [
             e
@@ -129,12 +133,13 @@ def generation_scores(
         for example in tqdm(examples, desc=f"generating {Path(source.path).name}", leave=False):
             if not isinstance(example, Example) or example.image is not None:
                 continue
-            prompt, reference = _prompt_and_reference(example, tokenizer, data, source)
+            prompt, reference = _prompt_and_reference(example, tokenizer, data, source, template)
             output = model.generate(
                 torch.tensor([prompt], device=device),
                 max_new_tokens=max_new_tokens or data.max_target_length,
                 pad_token_id=tokenizer.pad_token_id,
                 **sampling,
+                **stops,
             )
             predictions.append(tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip())
             references.append(reference)

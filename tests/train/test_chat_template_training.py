@@ -8,6 +8,7 @@ import pytest
 
 from mmadapter.core.encoding import IGNORE_INDEX
 from mmadapter.train.data import BadSampleLog, load_samples, resolve_recipe_templates
+from mmadapter.train.evaluate import generation_scores, load_for_eval
 from mmadapter.train.loop import train
 from mmadapter.train.readers import read_examples
 from mmadapter.train.recipe import DataSection, DataSource, parse_recipe
@@ -99,3 +100,7 @@ def test_training_with_the_chat_template_records_it_in_the_adapter_folder(tmp_pa
     document = json.loads((result.adapter_dir / "mmadapter_config.json").read_text())
     assert document["prompt_template"] == "chat" and document["chat_template"] == LLAMA3_TEMPLATE
     assert document["training"]["stages"][0]["data"]["template"] == "chat"  # the resolved recipe says what ran
+    model, tokenizer, data = load_for_eval(result.adapter_dir)
+    sources = [DataSource(format="conversation", path=str(tmp_path / "chat.jsonl"))]
+    scores = generation_scores(model, tokenizer, sources, data, max_new_tokens=3, greedy=True, limit=2)
+    assert scores["generated"] == 2
