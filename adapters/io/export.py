@@ -54,6 +54,7 @@ from mmadapter.adapters.methods.bias_scale import LINEAR_PATHS
 from mmadapter.adapters.methods.llama_adapter_v1 import decoder_layers
 from mmadapter.adapters.methods.llama_adapter_v2 import LlamaAdapterV2Config
 from mmadapter.adapters.methods.lora import LoraMethodConfig, lora_layers, target_modules_for
+from mmadapter.core.chat_templates import CHAT, has_chat_template
 from mmadapter.core.files import current_umask
 
 #: transformers' largest shard by default would be 50GB; 5GB shards upload and download in parallel.
@@ -252,6 +253,9 @@ def export_model(
     if str(tokenizer_source) in BASE_PRESETS:
         raise ValueError(f"base {plan.base!r} is a preset without a tokenizer; pass a tokenizer folder (--tokenizer)")
     tokenizer_object = load_tokenizer(tokenizer_source)
+    document = plan.adapter.document
+    if document.get("prompt_template") == CHAT and document.get("chat_template"):
+        tokenizer_object.chat_template = document["chat_template"]  # the one it was trained on, for chat endpoints
     dtype_name = str(plan.dtype).removeprefix("torch.")
     progress(f"loading the base {plan.base} ({dtype_name})")
     model = load_base_model(plan.base, dtype=plan.dtype)
@@ -268,7 +272,7 @@ def export_model(
         exported.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer_object.save_pretrained(staging)
         files = sorted(path.name for path in staging.iterdir() if path.is_file())
-        record = _record(plan, sorted({*files, RECORD_FILE, CARD_FILE}))
+        record = _record(plan, sorted({*files, RECORD_FILE, CARD_FILE}), has_chat_template(tokenizer_object))
         write_record(staging, record)
         folder = ExportedFolder(output, record, sum(p.numel() for p in exported.parameters()))
         (staging / CARD_FILE).write_text(str(build_export_card(folder)))
@@ -321,7 +325,7 @@ def _standalone_model(model: PreTrainedModel, plan: ExportPlan) -> PreTrainedMod
     return exported.eval()
 
 
-def _record(plan: ExportPlan, files: list[str]) -> ExportRecord:
+def _record(plan: ExportPlan, files: list[str], chat_template: bool) -> ExportRecord:
     document = plan.adapter.document
     return ExportRecord(
         base=plan.base,
@@ -334,6 +338,7 @@ def _record(plan: ExportPlan, files: list[str]) -> ExportRecord:
         files=files,
         base_model=hub_base_model(plan.adapter),
         prompt_template=document.get("prompt_template"),
+        tokenizer_chat_template=chat_template,
         license=document.get("license"),
         mmadapter_version=version("mmadapter"),
     )

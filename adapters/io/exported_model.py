@@ -21,6 +21,7 @@ from mmadapter.adapters.backbones.loading import read_base_config
 from mmadapter.adapters.backbones.presets import build_base_model
 from mmadapter.adapters.io.checkpoint import PICKLE_SUFFIXES
 from mmadapter.adapters.io.model_card import METHODS
+from mmadapter.core.chat_templates import CHAT
 from mmadapter.core.config import document_type, parse
 from mmadapter.core.files import read_safetensors_shapes
 from mmadapter.core.templates import TEMPLATES
@@ -56,6 +57,8 @@ class ExportRecord:
     """The base's hub id, when the adapter recorded one (model card metadata)."""
     prompt_template: str | None = None
     """The template the adapter was trained with; prompts for the exported model need it too."""
+    tokenizer_chat_template: bool = False
+    """Whether the saved tokenizer has a Jinja chat template (for `chat`: the one the adapter was trained on)."""
     license: str | None = None
     mmadapter_version: str | None = None
 
@@ -203,7 +206,7 @@ def build_export_card(
                 "```",
             ]
         ),
-        _prompt_section(record.prompt_template),
+        _prompt_section(record.prompt_template, record.tokenizer_chat_template),
         "## What was folded",
         "\n".join(f"- {line}" for line in record.folded),
         "## Adapter",
@@ -214,17 +217,30 @@ def build_export_card(
     return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
 
 
-def _prompt_section(template: str | None) -> str:
+def _prompt_section(template: str | None, tokenizer_chat_template: bool) -> str:
+    if template == CHAT:
+        return (
+            "The adapter was trained on the tokenizer's own chat template, which the saved tokenizer carries: "
+            "format conversations with `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`, "
+            "or use a serving engine's chat endpoint."
+        )
     if template not in TEMPLATES:
         return "The adapter was saved without a known prompt template: prompt the model as its training data did."
-    example = TEMPLATES[template].render("{instruction}")
-    return "\n".join(
-        [
-            f"The adapter was trained with mmadapter's `{template}` prompt template; the model expects prompts in "
-            "that form (the text below, `{instruction}` replaced by the request), ending where its answer begins:",
+    chosen = TEMPLATES[template]
+    lines = [
+        f"The adapter was trained with mmadapter's `{template}` prompt template; the model expects prompts in "
+        "that form (the text below, `{instruction}` replaced by the request), ending where its answer begins:",
+        "",
+        "```text",
+        chosen.render("{instruction}"),
+        "```",
+    ]
+    if chosen.stop:
+        lines += ["", f"Stop generating at the end-of-sequence token or at {', '.join(map(repr, chosen.stop))}."]
+    if tokenizer_chat_template:
+        lines += [
             "",
-            "```text",
-            example,
-            "```",
+            "The tokenizer's chat template comes from the base model and is not the format the adapter was trained "
+            "on: send prompts in the form above (a completions endpoint), not as chat messages.",
         ]
-    )
+    return "\n".join(lines)

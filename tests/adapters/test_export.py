@@ -18,10 +18,12 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from mmadapter.adapters import attach_adapter, load_base_model, make_config, save_adapter
 from mmadapter.adapters.io.export import export_model, plan_export
 from mmadapter.adapters.io.exported_model import RECORD_FILE, inspect_exported_folder
+from tests.helpers.chat_tokenizer import CHATML_TEMPLATE
 from tests.helpers.llama_v2_setup import tiny_v2_config
 from tests.helpers.perturb import perturb_adapter
 from tests.helpers.tiny_families import build_tiny_family
@@ -222,7 +224,7 @@ def test_the_folder_holds_a_card_a_record_and_the_tokenizer(exports):
     card = (case["folder"] / "README.md").read_text()
     assert f"adapter `{case['adapter']}`" in card and f"the base `{case['base']}`" in card
     assert "library_name: transformers" in card and "### Instruction:\n{instruction}\n\n### Response:" in card
-    assert "attention_bias=true, mlp_bias=true" in card
+    assert "attention_bias=true, mlp_bias=true" in card and "Stop generating at the end-of-sequence token or at" in card
 
 
 def test_bf16_export_rounds_once_after_folding_in_float32(bases, tmp_path):
@@ -237,6 +239,19 @@ def test_bf16_export_rounds_once_after_folding_in_float32(bases, tmp_path):
     assert torch.equal(exported[f"{q}.weight"], expected)
     assert torch.equal(exported[f"{q}.bias"], adapter[f"{q}.adapter_bias"].bfloat16())
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_chat_template_adapter_exports_the_template_it_was_trained_on(bases, tmp_path):
+    model = load_base_model(bases["llama"])
+    attach_adapter(model, make_config("lora"))
+    save_adapter(model, tmp_path / "adapter", prompt_template="chat", chat_template=CHATML_TEMPLATE)
+    export_model(plan_export(bases["llama"], tmp_path / "adapter"), tmp_path / "out")
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == CHATML_TEMPLATE
+    assert inspect_exported_folder(tmp_path / "out").record.tokenizer_chat_template
+    assert (
+        "tokenizer.apply_chat_template(messages, add_generation_prompt=True)"
+        in (tmp_path / "out/README.md").read_text()
+    )
 
 
 # ----------------------------------------------------------------------------------------- what cannot fold
