@@ -53,6 +53,16 @@ class AdapterFolder:
         return self.document.get("base") or {}
 
     @property
+    def prompt_template(self) -> str | None:
+        """The template trained with; None: the base family's official one (folders from before the record)."""
+        return self.document.get("prompt_template")
+
+    @property
+    def chat_template(self) -> str | None:
+        """With prompt_template `chat`: the Jinja chat template trained with."""
+        return self.document.get("chat_template")
+
+    @property
     def adapter_parameters(self) -> int:
         return sum(math.prod(shape) for shape in self.tensor_shapes.values())
 

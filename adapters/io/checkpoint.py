@@ -33,6 +33,7 @@ from mmadapter.adapters.methods.base import (
 )
 from mmadapter.core.config import Int, describe, document_type, parse
 from mmadapter.core.files import atomic_save_tensors, atomic_write_bytes, read_safetensors, read_safetensors_shapes
+from mmadapter.core.templates import TemplateName
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "mmadapter_config.json"
@@ -85,7 +86,8 @@ class AdapterDocument:
     adapter: dict[str, Any]
     base: BaseRecord | None = None
     mmadapter_version: str | None = None
-    prompt_template: str | None = None
+    prompt_template: TemplateName | None = None
+    """The prompt template trained with (core/templates.py); None: the base family's official one."""
     chat_template: str | None = None
     """With prompt_template `chat`: the Jinja chat template trained with, which serving renders."""
     training: dict[str, Any] | None = None

@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from mmadapter.adapters.io.adapter_folder import PEFT_CONFIG_FILE, AdapterFolder
 from mmadapter.adapters.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from mmadapter.adapters.methods.llama_adapter_v2 import config_takes_images
+from mmadapter.core.chat_templates import CHAT
 
 #: Written by the training loop beside the adapter (mmadapter.train.reporting): recipe and final metrics,
 #: and the loss curve.
@@ -157,8 +158,11 @@ def _usage(folder: AdapterFolder, reference: str, base: str | None) -> str:
         f'model = from_pretrained(base, "{reference}"{clip})',
         "```",
     ]
-    template = folder.document.get("prompt_template")
-    if template:
+    template = folder.prompt_template
+    if template == CHAT:
+        recorded = "recorded in `mmadapter_config.json` (`chat_template`)" if folder.chat_template else "of its base"
+        lines += ["", f"Prompts use the tokenizer chat template {recorded}, through `apply_chat_template`."]
+    elif template:
         lines += [
             "",
             f"Prompts use the `{template}` template (`mmadapter.core.templates.get_template({template!r})`).",
