@@ -78,8 +78,8 @@ def _architecture_preprocess(model_name: str) -> dict[str, Any]:
     candidates = [merge_preprocess_dict(defaults, open_clip.get_pretrained_cfg(model_name, tag)) for tag in tags]
     if candidates and all(candidate == candidates[0] for candidate in candidates):
         return candidates[0]
-    if candidates:
-        logger.warning(
+    if candidates:  # e.g. ViT-L-14: OpenAI's and most tags use CLIP's constants, laion2b_s32b_b82k uses 0.5
+        logger.info(
             "%s: its open_clip tags (%s) preprocess differently; using CLIP's mean/std. Point pretrained at a "
             "folder with open_clip_config.json, or give the tag name, to use the weights' own preprocessing",
             model_name,
