@@ -241,3 +241,23 @@ def test_llama_adapter_v2_with_each_tower(tiny_llama, tmp_path, kind):
     other = write_download(tmp_path / "other-tower", "siglip" if kind == "clip" else "clip")
     with pytest.raises(ValueError, match=rf"clip_width={SHAPES[kind][1]}, but the vision tower other-tower gives"):
         load_adapter(tiny_llama(), tmp_path / "adapter", clip_pretrained=str(other))
+
+
+@pytest.mark.gpu
+def test_siglip_tower_and_v2_zero_init_on_cuda(tiny_llama, tmp_path):
+    """fp16 SigLIP on a GPU agrees with fp32 on the CPU; V2 in bf16 on the GPU is still exactly the base."""
+    folder = write_download(tmp_path / "siglip", "siglip", seed=5)
+    cpu = FrozenCLIPEncoder(pretrained=folder)
+    gpu = FrozenCLIPEncoder(pretrained=folder, device="cuda", dtype=torch.float16)
+    tokens = gpu(PIXELS)
+    assert tokens.device.type == "cuda" and tokens.dtype == torch.float16
+    torch.testing.assert_close(tokens.float().cpu(), cpu(PIXELS), rtol=0.01, atol=0.02)
+
+    model = tiny_llama(dtype=torch.bfloat16).to("cuda")
+    ids, mask = (tensor.to("cuda") for tensor in left_padded())
+    with torch.no_grad():
+        base = model(ids, attention_mask=mask).logits
+        attach_adapter(model, tiny_v2_config(clip_pretrained=str(folder)))
+        assert model.vision_encoder.device.type == "cuda" and model.vision_encoder.dtype == torch.bfloat16
+        prompt = visual_prompt(model, PIXELS.to("cuda"))
+        assert torch.equal(model(ids, attention_mask=mask, adapter_visual_prompt=prompt).logits, base)
