@@ -93,7 +93,7 @@ class _Source:
 
     def __init__(self, model_name: str, pretrained: str | Path | None, cache_dir: str | None, fetch: bool) -> None:
         self.name = model_name
-        self.origin = f"open_clip architecture {model_name}"  # what errors about the architecture name
+        self.origin = f"open_clip architecture {model_name}"  # where the architecture came from, for errors
         self.preprocess = asdict(PreprocessCfg())
         self.weights: Path | None = None
         self.quick_gelu_hint: str | None = None  # why QuickGELU is needed, if something says so
@@ -116,8 +116,11 @@ class _Source:
         """open_clip's `local-dir` layout: a Hugging Face open_clip download (timm/ViT-B-16-SigLIP, laion/...)
         or a folder written by `FrozenCLIPEncoder.save`. Downloads name no architecture; the folder's name
         stands in for it."""
-        document = json.loads((path / CONFIG_FILE).read_text())
-        self.config = document.get("model_cfg", document)
+        try:
+            document = json.loads((path / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path / CONFIG_FILE}: not valid JSON ({error})") from error
+        self.config = document.get("model_cfg", document) if isinstance(document, dict) else None
         if not isinstance(self.config, dict) or not isinstance(self.config.get("vision_cfg"), dict):
             raise ValueError(f"{path / CONFIG_FILE}: no model_cfg.vision_cfg; is this an open_clip model folder?")
         self.name = document.get("model_name") or path.resolve().name

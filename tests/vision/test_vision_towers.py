@@ -177,6 +177,12 @@ def test_towers_open_clip_cannot_build_or_read_are_named(tmp_path):
     _edit_config(folder, lambda cfg: cfg["vision_cfg"].update(attentional_pool=False, no_such_field=1))
     with pytest.raises(ValueError, match=rf"{config}\): open_clip .* cannot build its vision tower \(TypeError"):
         FrozenCLIPEncoder(pretrained=folder)
+    config.write_text('{"model_cfg": {"embed_dim": 64}}')
+    with pytest.raises(ValueError, match=rf"{config}: no model_cfg.vision_cfg; is this an open_clip model folder"):
+        FrozenCLIPEncoder(pretrained=folder)
+    config.write_text("{")
+    with pytest.raises(ValueError, match=rf"{config}: not valid JSON"):
+        FrozenCLIPEncoder(pretrained=folder)
     clip_file = write_download(tmp_path / "clip", "clip") / "open_clip_model.safetensors"
     with pytest.raises(ValueError, match="open_clip_model.safetensors: weights do not fit mmadapter-tiny-siglip"):
         FrozenCLIPEncoder("mmadapter-tiny-siglip", pretrained=clip_file)
