@@ -8,19 +8,31 @@ Heavy imports happen inside `run`, so `mmadapter --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from mmadapter.cli.options import announce_loading, check_port_free, device_name, port_number
 
 API_KEY_ENV = "MMADAPTER_API_KEY"
+#: What `--adapter NAME=PATH` accepts as NAME (a model id clients send).
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--base", required=True, help="base model: a folder (HF or Meta layout) or a preset")
-    group.add_argument("--adapter", help="adapter folder or hub repo id (omit to chat with the base model)")
+    group.add_argument(
+        "--adapter",
+        action="append",
+        metavar="[NAME=]PATH",
+        help="adapter folder or hub repo id (omit to chat with the base model); serve takes several, "
+        "NAME=PATH naming each (default name: the folder's), and clients pick one by `model`",
+    )
     group.add_argument("--revision", help="hub revision of --adapter")
     group.add_argument("--tokenizer", help="tokenizer folder (default: the base folder)")
     group.add_argument("--template", help="prompt template (default: the adapter's saved one; alpaca, chatglm, …)")
@@ -50,9 +62,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve",
         help="serve an adapter over the OpenAI chat-completions API (and a web UI with --ui)",
-        description="OpenAI-compatible HTTP server: POST /v1/chat/completions, GET /v1/models, GET /health.",
+        description="OpenAI-compatible HTTP server (FastAPI + uvicorn): POST /v1/chat/completions, GET /v1/models, "
+        "GET /health, GET /metrics (Prometheus), GET /openapi.json.",
     )
     _model_options(serve)
+    batching = serve.add_argument_group("batching")
+    batching.add_argument("--max-batch", type=int, default=16, help="requests decoded together (16; 1 = one at a time)")
+    batching.add_argument(
+        "--merge",
+        action="store_true",
+        help="fold a single adapter into the base weights (faster; then no `base` model and adapter_scale 1 only)",
+    )
     network = serve.add_argument_group("server")
     network.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     network.add_argument("--port", type=port_number, default=8000, help="API port (default 8000)")
@@ -64,28 +84,85 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "(command lines are visible to other users)",
     )
     network.add_argument("--allow-remote-images", action="store_true", help="let clients send http(s) image URLs")
-    network.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (16)")
-    network.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (20)")
     network.add_argument("--max-image-pixels", type=int, help="largest image (width x height; default 64 million)")
+    limits = serve.add_argument_group("limits (each protects the server from clients)")
+    limits.add_argument(
+        "--max-queue", type=_count, default=16, help="requests that may wait; more get 429 with Retry-After (16)"
+    )
+    limits.add_argument(
+        "--max-connections", type=_positive_count, default=128, help="open connections; more get 503 (128)"
+    )
+    limits.add_argument("--max-body-mb", type=_positive_number, default=20.0, help="largest request body in MB (20)")
+    limits.add_argument(
+        "--max-prompt-tokens", type=_positive_count, help="longest prompt in tokens (default: the model's context)"
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=_positive_number,
+        default=10.0,
+        help="seconds to send a request's headers, else 408 (10)",
+    )
+    limits.add_argument(
+        "--body-timeout", type=_positive_number, default=60.0, help="seconds to send a request's body, else 408 (60)"
+    )
+    limits.add_argument(
+        "--keep-alive-timeout", type=_positive_number, default=5.0, help="seconds an idle connection stays open (5)"
+    )
     serve.set_defaults(run=run_serve)
+
+
+def _adapters(values: list[str] | None) -> dict[str, str]:
+    """`--adapter` values -> model id -> folder or hub id (NAME=PATH, or a bare PATH named after its folder)."""
+    from mmadapter.serve.loader import adapter_name
+
+    adapters: dict[str, str] = {}
+    for value in values or []:
+        name, separator, source = value.partition("=")
+        if not separator or os.path.exists(value) or not _ADAPTER_NAME.fullmatch(name):
+            name, source = adapter_name(value), value
+        if not source:
+            raise ValueError(f"--adapter {value!r}: no path after {name + '='!r}")
+        if name in adapters:
+            raise ValueError(f"--adapter: the name {name!r} is given twice; name them NAME=PATH")
+        adapters[name] = source
+    return adapters
 
 
 def _load(args: argparse.Namespace):
     # Imported on use, not at the top: the command line starts without loading what other commands need.
-    from mmadapter.serve.loader import load_served_model
+    from mmadapter.serve.loader import load_served_model, load_served_models
 
     overrides = {"clip_pretrained": args.clip_weights} if args.clip_weights else None
-    served = load_served_model(
-        args.base,
-        args.adapter,
-        tokenizer=args.tokenizer,
-        template=args.template,
-        dtype=args.dtype,
-        device=args.device,
-        name=args.name,
-        adapter_overrides=overrides,
-        revision=args.revision,
-    )
+    adapters = _adapters(args.adapter)
+    routed = bool(adapters) and getattr(args, "merge", True) is False  # `serve` without --merge
+    if len(adapters) > 1 and not routed:
+        command = "serve --merge" if hasattr(args, "merge") else "chat"
+        raise ValueError(f"--adapter: `mmadapter {command}` takes one adapter, got {len(adapters)}")
+    if routed:
+        if args.name and len(adapters) == 1 and "=" not in args.adapter[0]:
+            adapters = {args.name: next(iter(adapters.values()))}
+        served = load_served_models(
+            args.base,
+            adapters,
+            tokenizer=args.tokenizer,
+            template=args.template,
+            dtype=args.dtype,
+            device=args.device,
+            adapter_overrides=overrides,
+            revision=args.revision,
+        )
+    else:
+        served = load_served_model(
+            args.base,
+            next(iter(adapters.values()), None),
+            tokenizer=args.tokenizer,
+            template=args.template,
+            dtype=args.dtype,
+            device=args.device,
+            name=args.name or next(iter(adapters), None),
+            adapter_overrides=overrides,
+            revision=args.revision,
+        )
     changes = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -94,7 +171,7 @@ def _load(args: argparse.Namespace):
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
     }
-    served.defaults = served.defaults.replace(**{k: v for k, v in changes.items() if v is not None})
+    served.update_defaults(**{k: v for k, v in changes.items() if v is not None})
     return served
 
 
@@ -107,6 +184,23 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.image and not chat.attach_image(args.image):
         return 2
     return chat.run()
+
+
+def _flag_value(parse: Callable[[str], Any], accept: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse type: the text `parse`d, if `accept`ed; else an error saying it is not `what`."""
+
+    def convert(value: str) -> Any:
+        with contextlib.suppress(ValueError):
+            if accept(number := parse(value)):
+                return number
+        raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
+
+    return convert
+
+
+_positive_number = _flag_value(float, lambda number: 0 < number < float("inf"), "a positive number")
+_positive_count = _flag_value(int, lambda number: number >= 1, "a whole number of at least 1")
+_count = _flag_value(int, lambda number: number >= 0, "a whole number (0 or more)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -127,9 +221,15 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
     )
     served = _load(args)
     server = APIServer(served, settings)
+    server.start_background()
     print(f"OpenAI-compatible API: {server.url}/v1  (model id {served.name!r})", flush=True)
     if settings.api_key:
         print("API key required (Authorization: Bearer …)", flush=True)

@@ -228,30 +228,6 @@ def test_api_key_is_enforced_and_never_logged(start_server, caplog):
     assert key not in caplog.text
 
 
-def test_twenty_concurrent_requests_complete_or_get_429(served, start_server):
-    server = start_server(max_queue=3)
-    statuses, errors = [], []
-    handle = served.model.register_forward_pre_hook(lambda *args: time.sleep(0.005))  # a busy model
-
-    def call():
-        try:
-            statuses.append(post_chat(server, {**_message("what shape is there"), "max_tokens": 6})[0])
-        except Exception as error:  # pragma: no cover - reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=call) for _ in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    handle.remove()
-    assert not errors
-    assert len(statuses) == 20 and set(statuses) <= {200, 429}
-    assert statuses.count(200) >= 4  # one generating + three waiting always fit
-    assert raw_request(server, "GET", "/health")[1]["pending"] == 0
-    assert post_chat(server, _message("hi"))[0] == 200
-
-
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_disconnects_mid_answer_frees_the_model(served, start_server, stream):
     server = start_server(max_queue=0)
@@ -265,7 +241,10 @@ def test_a_client_that_disconnects_mid_answer_frees_the_model(served, start_serv
     try:
         body = json.dumps({**_message("the"), "stream": stream, "max_tokens": 200}).encode()
         sock = socket.create_connection(server.server_address[:2])
-        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
         sock.sendall(head.encode() + body)
         if stream:
             assert sock.recv(64).startswith(b"HTTP/1.1 200")

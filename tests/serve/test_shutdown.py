@@ -24,13 +24,15 @@ import torch
 from mmadapter.serve.worker import GenerationWorker
 from tests.helpers.served_model import MODEL_NAME
 
+JSON = {"Content-Type": "application/json"}
+
 
 def _chat(content: str, **options) -> bytes:
     return json.dumps({"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], **options}).encode()
 
 
 def _server_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name in ("mmadapter-request", "mmadapter-generation")]
+    return [t.name for t in threading.enumerate() if t.name in ("mmadapter-http", "mmadapter-generation")]
 
 
 def test_close_stops_the_running_answer_fails_waiting_ones_and_joins_every_thread(served, start_server):
@@ -46,13 +48,13 @@ def test_close_stops_the_running_answer_fails_waiting_ones_and_joins_every_threa
     try:
         host, port = server.server_address[:2]
         streaming = http.client.HTTPConnection(host, port, timeout=30)
-        streaming.request("POST", "/v1/chat/completions", body=_chat("the", stream=True, max_tokens=200))
+        streaming.request("POST", "/v1/chat/completions", body=_chat("the", stream=True, max_tokens=200), headers=JSON)
         answer = streaming.getresponse()
         assert answer.status == 200 and answer.readline().startswith(b"data: ")  # it is generating
 
         def wait_in_queue():
             connection = http.client.HTTPConnection(host, port, timeout=30)
-            connection.request("POST", "/v1/chat/completions", body=_chat("hi"))
+            connection.request("POST", "/v1/chat/completions", body=_chat("hi"), headers=JSON)
             response = connection.getresponse()
             waiting.append((response.status, json.loads(response.read())))
 
@@ -117,7 +119,7 @@ def test_sigterm_mid_generation_exits_0_and_tells_the_client(tiny_llama, tiny_to
         connection = http.client.HTTPConnection(host, int(port), timeout=60)
         message = {"role": "user", "content": "hi"}
         body = json.dumps({"model": "base", "messages": [message], "stream": True, "max_tokens": 8000})
-        connection.request("POST", "/v1/chat/completions", body=body.encode())
+        connection.request("POST", "/v1/chat/completions", body=body.encode(), headers=JSON)
         answer = connection.getresponse()
         chunks = [answer.readline() for _ in range(8)]  # role chunk + a few tokens: generation is under way
         assert answer.status == 200 and sum(b'"content"' in chunk for chunk in chunks) >= 3, chunks

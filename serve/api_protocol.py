@@ -1,0 +1,74 @@
+"""uvicorn's h11 HTTP protocol with two limits uvicorn lacks: a deadline for request headers and a connection cap.
+
+uvicorn closes idle keep-alive connections (`timeout_keep_alive`) but lets a client that sends its headers one
+byte at a time hold a connection for as long as it likes (slowloris); `limit_concurrency` answers 503 per request
+but still accepts every connection. Here a connection must deliver each request's complete headers within
+`header_timeout` seconds of opening or of the previous response (else 408 and closed), and a connection beyond
+`max_connections` gets a 503 and is closed at once. The check reads h11's public connection state (the client's
+side is still `IDLE` until its headers are complete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}})
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body.encode()
+
+
+class GuardedH11Protocol(H11Protocol):
+    """`H11Protocol` plus the header deadline and the connection cap (see the module docstring)."""
+
+    def __init__(self, *args: Any, header_timeout: float, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            message = f"the server has {self.max_connections} connections open, its limit; retry shortly"
+            self._refuse(_raw_response(503, "Service Unavailable", message, "too_many_connections"))
+            return
+        self._arm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_deadline()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        self._disarm_header_deadline()
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_overdue)
+
+    def _disarm_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_overdue(self) -> None:
+        self._header_deadline = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return  # the headers arrived: the body deadline (BodyLimits) takes over
+        message = f"the request headers did not arrive within {self.header_timeout:g} s"
+        self._refuse(_raw_response(408, "Request Timeout", message, "request_timeout"))
+
+    def _refuse(self, response: bytes) -> None:
+        self.transport.write(response)
+        self.transport.close()
