@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from mmadapter.adapters.backbones.quantization import Quantization
 from mmadapter.core.config import Bool, Float, Int, describe, document_type, json_schema, parse
 from mmadapter.core.templates import TemplateName
 
@@ -34,6 +35,9 @@ class ModelSection:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Storage dtype of the frozen base weights (adapter weights stay float32)."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    quantization: Quantization | None = None
+    """Store the frozen base's linear layers in 4 or 8 bits (bitsandbytes; `pip install 'mmadapter[quantization]'`),
+    e.g. `{bits: 4}`; embeddings, norms and the adapter stay in full precision. None: the base stays in `dtype`."""
 
 
 @document_type

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from accelerate.state import AcceleratorState, is_initialized
 from accelerate.utils import DistributedType, ProjectConfiguration
 from torch import nn
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
 from mmadapter.adapters.backbones.presets import BASE_PRESETS
+from mmadapter.adapters.backbones.quantization import check_quantization
 from mmadapter.adapters.io.checkpoint import load_adapter_weights
 from mmadapter.adapters.methods.base import (
     adapter_config_of,
@@ -157,7 +158,17 @@ def build_model(recipe: Recipe, model: nn.Module | None, tokenizer: Any) -> tupl
     if tokenizer is None:
         tokenizer = load_tokenizer(section.tokenizer or section.base)
     if model is None:
-        model = load_base_model(section.base, dtype=section.dtype, attn_implementation=section.attn_implementation)
+        device = "cpu"
+        if section.quantization is not None:  # quantized while loading, straight onto this process's device
+            device = PartialState().device
+            check_quantization(section.quantization, device, "model.quantization")
+        model = load_base_model(
+            section.base,
+            dtype=section.dtype,
+            device=device,
+            attn_implementation=section.attn_implementation,
+            quantization=section.quantization,
+        )
     if getattr(model, "adapter_config", None) is None:
         try:
             config = make_config(recipe.adapter.method, recipe.adapter.preset, **recipe.adapter.options)

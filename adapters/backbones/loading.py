@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from transformers import AutoTokenizer, LlamaTokenizer, PretrainedConfig, PreTra
 
 from mmadapter.adapters.backbones.meta_llama import is_meta_checkpoint, load_meta_checkpoint
 from mmadapter.adapters.backbones.presets import BASE_PRESETS, base_config, build_base_model, model_class_for
+from mmadapter.adapters.backbones.quantization import Quantization, bitsandbytes_config, check_quantization
 from mmadapter.core.files import torch_file_errors
 
 #: model_type -> tokenizer loader for backbones whose tokenizer is not a stock transformers one.
@@ -62,10 +64,14 @@ def load_base_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    quantization: Quantization | None = None,
 ) -> PreTrainedModel:
-    """A frozen base model in eval mode from a preset name or a local folder (HF or Meta layout)."""
+    """A frozen base model in eval mode from a preset name or a local folder (HF or Meta layout), its linear
+    layers quantized when `quantization` is given (the rest stays in `dtype`)."""
     torch_dtype = parse_dtype(dtype)
-    if str(base) in BASE_PRESETS:
+    if quantization is not None:
+        model = _load_quantized(base, torch_dtype, device, attn_implementation, quantization)
+    elif str(base) in BASE_PRESETS:
         model = build_base_model(base_config(str(base)), device=device, dtype=torch_dtype)
     elif is_meta_checkpoint(base):
         config, state = load_meta_checkpoint(base)
@@ -76,15 +82,47 @@ def load_base_model(
             model.model.rotary_emb = type(rotary)(config=config)
         model.to(device=device, dtype=torch_dtype or torch.float32)
     else:
-        config = read_base_config(base)
-        with _pickled_weights_errors(Path(base)):
-            model = model_class_for(config).from_pretrained(
-                base, dtype=torch_dtype or torch.float32, local_files_only=True, attn_implementation=attn_implementation
-            )
-        model = model.to(device)
+        model = _from_folder(base, torch_dtype, attn_implementation).to(device)
     model.set_attn_implementation(attn_implementation)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _from_folder(folder: str | Path, dtype: torch.dtype | None, attn_implementation: str, **options) -> PreTrainedModel:
+    """A Hugging Face folder through its backbone's class (`options`: more `from_pretrained` arguments)."""
+    config = read_base_config(folder)
+    with _pickled_weights_errors(Path(folder)):
+        return model_class_for(config).from_pretrained(
+            folder,
+            dtype=dtype or torch.float32,
+            local_files_only=True,
+            attn_implementation=attn_implementation,
+            **options,
+        )
+
+
+def _load_quantized(
+    base: str | Path,
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+    attn_implementation: str,
+    quantization: Quantization,
+) -> PreTrainedModel:
+    """transformers quantizes the linear layers while it loads them, straight onto `device`."""
+    check_quantization(quantization, device, "quantization")
+    options = {"quantization_config": bitsandbytes_config(quantization), "device_map": {"": torch.device(device)}}
+    if str(base) in BASE_PRESETS:  # random weights (tests, benchmarks), quantized through a folder like real ones
+        with tempfile.TemporaryDirectory() as folder:
+            build_base_model(base_config(str(base))).save_pretrained(folder)
+            model = _from_folder(folder, dtype, attn_implementation, **options)
+        model.config.name_or_path = ""
+        return model
+    if is_meta_checkpoint(base):
+        raise ValueError(
+            f"{base}: a Meta-layout folder converts to full precision as it loads, so it cannot be quantized on load; "
+            f"convert it once (mmadapter convert meta-llama {base} OUT_FOLDER) and quantize the Hugging Face folder"
+        )
+    return _from_folder(base, dtype, attn_implementation, **options)
 
 
 def _pickled_weights_errors(folder: Path) -> contextlib.AbstractContextManager:

@@ -23,6 +23,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from mmadapter.adapters.backbones.quantization import is_quantized_linear
+
 #: Short names used in configs -> module path inside a LLaMA decoder layer.
 LINEAR_PATHS: dict[str, str] = {
     "q": "self_attn.q_proj",
@@ -104,8 +106,8 @@ def merge_linear(module: nn.Module, *, merge_lora: bool = True, keep_originals: 
     """
     linear = frozen_linear(module)
     state = bias_scale_state(linear)
-    if state is not None and state.merged:
-        return
+    if (state is not None and state.merged) or is_quantized_linear(linear):
+        return  # a quantized weight is packed: its hooks (and peft's LoRA branch) keep applying the terms
     scale = getattr(linear, "adapter_scale", None)
     bias = getattr(linear, "adapter_bias", None)
     lora = merge_lora and module is not linear

@@ -30,6 +30,7 @@ from typing import Annotated, Any
 import pydantic
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
 from mmadapter.adapters.methods.base import AdapterConfig, AdapterMethod, register_method
@@ -303,6 +304,7 @@ def _attach_lora(model: nn.Module, config: LlamaAdapterV2Config) -> None:
     # Create LoRA weights where the model lives (on "meta" for `mmadapter info`: nothing allocated).
     with torch.device(next(model.parameters()).device):
         inject_adapter_in_model(lora, model, adapter_name=LORA_ADAPTER_NAME)
+    cast_adapter_dtype(model, LORA_ADAPTER_NAME)  # float32 masters, also where peft made them bf16 (a 4-bit base)
 
 
 def _attach_vision(model: nn.Module, config: LlamaAdapterV2Config) -> None:

@@ -21,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
+from mmadapter.adapters.backbones.quantization import is_quantized_linear
 from mmadapter.adapters.methods.base import AdapterConfig, AdapterMethod, register_method
 from mmadapter.core.config import Float, Int
 
@@ -153,9 +154,10 @@ class Lora(AdapterMethod):
     def merge(cls, model: nn.Module, config: LoraMethodConfig, *, keep_originals: bool = True) -> None:
         """W <- W + (alpha/r)·B·A in every adapted layer (peft's merge), for serving without extra matmuls.
 
-        peft unmerges by subtracting the same product, so there are no originals to keep either way."""
+        peft unmerges by subtracting the same product, so there are no originals to keep either way. A quantized
+        base layer keeps its LoRA branch: folding would re-quantize W + B·A and lose the update to rounding."""
         for layer in lora_layers(model):
-            if not layer.merged:
+            if not layer.merged and not is_quantized_linear(layer):
                 layer.merge()
 
     @classmethod

@@ -122,7 +122,7 @@ def add_gated_prompt(
     Adapter parameters are float32 master weights whatever the base dtype (as the official code).
     """
     weight = attention.q_proj.weight
-    hidden = weight.shape[1]
+    hidden = attention.q_proj.in_features  # not weight.shape: a 4-bit weight is packed
     num_heads = attention.config.num_attention_heads
     attention.adapter_prompt = nn.Parameter(torch.randn(prompt_length, hidden, device=weight.device))
     attention.adapter_gate = nn.Parameter(torch.zeros(num_heads, device=weight.device))

@@ -18,6 +18,7 @@ from mmadapter.train.loss import TokenLoss
 from mmadapter.train.setup import set_gradient_checkpointing
 from tests.helpers.chatglm_reference import GMASK, SOP
 from tests.helpers.llama_v2_setup import EVERYTHING, pixels, tiny_v2_config
+from tests.helpers.threads import single_thread  # noqa: F401 (autouse fixture)
 from tests.helpers.tiny_chatglm import build_tiny_glm
 from tests.helpers.tiny_families import FAMILY_PRESETS, build_tiny_family
 from tests.helpers.tiny_llama import IDS, left_padded
@@ -33,14 +34,6 @@ GLM_IDS = torch.tensor([[5, 11, 12, 13, GMASK, SOP, 21, 22], [5, 31, 32, 33, GMA
 #: checkpointing turns it off), whose concatenated keys change the float32 summation order (measured: 2.1e-6 on
 #: gradients of magnitude 3; with use_cache=False in the plain run, bit for bit too).
 TOLERANCE = {"chatglm": 1e-5}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; on a shared CPU several spin-wait for each other."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads(1)
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
