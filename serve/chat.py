@@ -16,8 +16,9 @@ from PIL import Image
 
 from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompter_of
 from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
+from mmadapter.serve.batching import BatchScheduler, GenerationRequest
 from mmadapter.serve.generate import TextDelta
-from mmadapter.serve.loader import ServedModel
+from mmadapter.serve.loader import ServedModel, ServedVariant
 from mmadapter.serve.prompting import encode_chat
 from mmadapter.serve.sampling import SamplingParams
 
@@ -33,6 +34,18 @@ class ChatTurn:
     image: Image.Image | None = None
     params: SamplingParams | None = None
     """None: the served model's defaults."""
+    adapter: str | None = None
+    """The model id asked for (OpenAI `model`): an adapter's name or `base`; None = the default one."""
+    adapter_scale: float = 1.0
+    """How strongly the adapter acts, 0 (the base model exactly) to 1 (as trained)."""
+    system: str = ""
+    """A system message (a chat template's system turn; the official templates put it before the question)."""
+    prompt_ids: list[int] | None = None
+    """The prompt already encoded with `prompt_ids` (off the generation thread); None: encoded when submitted."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.adapter_scale <= 1.0:  # also refuses NaN
+            raise ValueError(f"adapter_scale must be between 0 and 1, got {self.adapter_scale!r}")
 
 
 @dataclasses.dataclass
@@ -42,27 +55,78 @@ class TurnStarted:
     prompt_tokens: int
 
 
-def visual_inputs(served: ServedModel, image: Image.Image | None) -> dict[str, torch.Tensor]:
-    """The forward arguments carrying the image, computed once per picture (empty for text models)."""
-    if not served.takes_images:
+def visual_prompt_for(variant: ServedVariant, image: Image.Image | None) -> torch.Tensor | None:
+    """The image's visual prompt (1, K, D) for this adapter, computed once per picture (None for text models)."""
+    if not variant.takes_images:
         if image is not None:
             raise ImageNotSupportedError(
-                f"this model ({served.method or 'no adapter'}) does not take images; send text only"
+                f"this model ({variant.method or 'no adapter'}) does not take images; send text only"
             )
-        return {}
-    prompt = visual_prompter_of(served.model).for_image(image)
+        return None
+    return visual_prompter_of(variant.model).for_image(image)
+
+
+def visual_inputs(served: ServedModel, image: Image.Image | None) -> dict[str, torch.Tensor]:
+    """The forward arguments carrying the image for the default model (empty for text models)."""
+    prompt = visual_prompt_for(served.variant(None), image)
     return {} if prompt is None else {VISUAL_PROMPT_KWARG: prompt}
 
 
+def prompt_ids(served: ServedModel, turn: ChatTurn) -> list[int]:
+    """The prompt's token ids for the turn's model id (tokenizer work only: safe on any thread)."""
+    if turn.prompt_ids is not None:
+        return list(turn.prompt_ids)
+    variant = served.variant(turn.adapter)
+    model_type = served.model.config.model_type
+    return encode_chat(
+        served.tokenizer,
+        model_type,
+        variant.template,
+        turn.message,
+        turn.history,
+        system=turn.system,
+        image=turn.image is not None,
+    )
+
+
+def turn_params(served: ServedModel, turn: ChatTurn) -> SamplingParams:
+    """The turn's sampling settings (or its model's defaults) with the template's stop strings and tokens added
+    (a Llama 3 chat ends a turn with `<|eot_id|>`, which is not its end-of-sequence token)."""
+    template = served.variant(turn.adapter).template
+    params = turn.params or served.variant(turn.adapter).defaults
+    return params.replace(
+        stop=tuple(dict.fromkeys(template.stop + params.stop)),
+        stop_token_ids=tuple(dict.fromkeys(tuple(template.stop_token_ids) + params.stop_token_ids)),
+    )
+
+
+def generation_request(served: ServedModel, turn: ChatTurn, ids: list[int]) -> GenerationRequest:
+    """What the scheduler needs for the turn; the visual prompt is model work (the generation thread's)."""
+    variant = served.variant(turn.adapter)
+    if variant.route is None and turn.adapter_scale != 1.0 and variant.method is not None:
+        raise ValueError(
+            f"adapter_scale: the model {variant.name!r} is served merged into the base weights, so only 1 is "
+            "possible; serve it with --adapter NAME=PATH (without --merge) to dial it"
+        )
+    return GenerationRequest(
+        ids, turn_params(served, turn), variant.route, turn.adapter_scale, visual_prompt_for(variant, turn.image)
+    )
+
+
 def stream_turn(served: ServedModel, turn: ChatTurn) -> Iterator[TurnStarted | TextDelta]:
-    """Yield `TurnStarted`, then the answer's text deltas; closing the iterator stops generation.
+    """Yield `TurnStarted`, then the answer's text deltas (one request alone; closing stops generation).
 
     Raises `PromptTooLongError` / `ImageNotSupportedError` (ValueErrors) before anything is yielded.
     """
-    params = turn.params or served.defaults
-    params = params.replace(stop=tuple(dict.fromkeys(served.template.stop + params.stop)))
-    ids = encode_chat(served.tokenizer, served.model.config.model_type, served.template, turn.message, turn.history)
+    ids = prompt_ids(served, turn)
     served.engine.check_prompt_length(len(ids))
-    model_inputs = visual_inputs(served, turn.image)
+    request = generation_request(served, turn, ids)
+    scheduler = BatchScheduler(served.engine, max_batch=1)
+    sequence = scheduler.add(request)
     yield TurnStarted(len(ids))
-    yield from served.engine.stream([ids], params, model_inputs)
+    try:
+        while not sequence.finished:
+            for _, delta in scheduler.step():
+                yield delta
+    finally:
+        scheduler.close()

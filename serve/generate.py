@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mmadapter.serve.model_families import ModelFamily, family_of
+from mmadapter.serve.model_families import CausalLMInputs, ModelFamily, family_of
 from mmadapter.serve.prompting import encode_text
 from mmadapter.serve.sampling import SamplingParams, TokenChooser
 from mmadapter.serve.text_stream import IncrementalDecoder, StablePostprocessor, StopStringFilter
@@ -69,7 +69,7 @@ def context_length(model: PreTrainedModel) -> int:
     raise ValueError(f"{type(model).__name__}: cannot tell the context length from its config")
 
 
-class _Row:
+class RowText:
     """Text state of one prompt in the batch: tokens -> text -> cut at stop strings -> cleaned."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str], family: ModelFamily) -> None:
@@ -110,7 +110,8 @@ class _Row:
 class GenerationEngine:
     """Generates text from a model and tokenizer; one instance per served model.
 
-    Not thread-safe: one generation at a time per model (the HTTP server serialises requests).
+    Not thread-safe: one thread generates per model (the worker's generation thread; `serve.batching`
+    shares its decoding steps between requests).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -134,6 +135,21 @@ class GenerationEngine:
     def encode(self, text: str) -> list[int]:
         """A raw prompt -> ids with the special tokens training used (BOS; ChatGLM's [gMASK] <sop>)."""
         return encode_text(self.tokenizer, self.model.config.model_type, text)
+
+    def new_chooser(self, params: SamplingParams) -> TokenChooser:
+        """A token chooser for `params` with this model's guards (its own generator, seeded or fresh)."""
+        return TokenChooser(params, self.device, self.family.logits_processors(self.tokenizer), self.vocab_limit)
+
+    def new_row(self, params: SamplingParams) -> RowText:
+        return RowText(self.tokenizer, params.stop, self.family)
+
+    @property
+    def batchable(self) -> bool:
+        """Whether requests can join and leave a shared batch (`serve.batching`): a plain transformers decoder
+        whose KV cache holds only the tokens. ChatGLM-6B (2-D GLM positions) and P-Tuning v2 (prefixes in the
+        cache) generate one request at a time."""
+        decoder = self.model.get_decoder()
+        return self.family.inputs is CausalLMInputs and getattr(decoder, "prefix_encoder", None) is None
 
     def _batch(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
@@ -171,9 +187,9 @@ class GenerationEngine:
         self.check_prompt_length(longest)
         budget = min(params.max_new_tokens, self.context_length - longest)
         stop_ids = self.eos_token_ids | set(params.stop_token_ids)
-        rows = [_Row(self.tokenizer, params.stop, self.family) for _ in encoded]
+        rows = [RowText(self.tokenizer, params.stop, self.family) for _ in encoded]
         extra = dict(model_inputs or {})
-        chooser = TokenChooser(params, self.device, self.family.logits_processors(self.tokenizer), self.vocab_limit)
+        chooser = self.new_chooser(params)
         state = self.family.inputs(self.model, *self._batch(encoded))
         sequences = state.input_ids
         logits = self._run(state.prefill, extra)

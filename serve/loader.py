@@ -3,7 +3,9 @@
 `load_served_model` loads the frozen base (preset or folder), attaches the adapter saved in a
 folder, folds what can be folded into the weights (V2 bias/scale, LoRA; DESIGN §3 "merge for
 inference"), and picks the prompt template the adapter was trained with, so nobody formats
-prompts by hand. `ServedModel.from_model` wraps a model already in memory (the embedded demo).
+prompts by hand: its `prompt_template`, and for `chat` the Jinja source it recorded (`chat_template`), so
+the answer is asked for exactly as training saw it whichever tokenizer folder is loaded. A folder without
+a record gets the base family's official template, as before chat templates existed. `ServedModel.from_model` wraps a model already in memory (the embedded demo).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
 from mmadapter.adapters.io.hub import download_adapter
 from mmadapter.adapters.methods.base import get_method
 from mmadapter.adapters.methods.llama_adapter_v2 import takes_images, visual_prompter_of
-from mmadapter.core.templates import PromptTemplate, get_template
+from mmadapter.adapters.methods.prompt_attention import use_prompt_attention
+from mmadapter.adapters.methods.routing import install_routes, make_shell
+from mmadapter.core.templates import Template, official_template, resolve_template
 from mmadapter.serve.generate import GenerationEngine
 from mmadapter.serve.sampling import SamplingParams
 
-#: Template for a base model without an adapter (or an adapter saved without one), by model_type.
-DEFAULT_TEMPLATES = {"llama": "alpaca", "chatglm": "chatglm"}
+#: Methods that add LLaMA-Adapter prompts inside attention (the base then needs the prompt-aware kernel).
+PROMPT_METHODS = ("llama-adapter-v1", "llama-adapter-v2")
 #: Generation defaults of the official demos: LLaMA-Adapter (spec llama-adapter §1.7, §3.9) and
 #: ChatGLM-6B's chat()/stream_chat() (spec chatglm-6b-ptuning-v2 §2.8).
 DEFAULT_SAMPLING = {
@@ -54,22 +58,76 @@ def merge_for_serving(model: nn.Module) -> None:
     get_method(config.method).merge(model, config, keep_originals=False)
 
 
+class UnknownModelError(ValueError):
+    """A request named a model id this server does not serve."""
+
+
+#: The id under which the base model without an adapter is served next to routed adapters.
+BASE_MODEL_ID = "base"
+
+
+@dataclasses.dataclass
+class ServedVariant:
+    """One model id a client can ask for: an adapter (or the base) with its template and sampling defaults."""
+
+    name: str
+    model: nn.Module
+    """The model carrying this adapter: a routing shell (`adapters.methods.routing`) or the served model itself."""
+    template: Template
+    defaults: SamplingParams
+    route: str | None = None
+    """Its name in the base model's routing; None: the served model as it is (adapter_scale fixed at 1)."""
+
+    @property
+    def takes_images(self) -> bool:
+        return takes_images(self.model)
+
+    @property
+    def method(self) -> str | None:
+        return adapter_method_name(self.model)
+
+
 @dataclasses.dataclass
 class ServedModel:
-    """A model, its tokenizer and prompt template, and the engine that generates with them."""
+    """A model, its tokenizer and prompt template, and the engine that generates with them.
+
+    `variants` are the model ids served; `name`, `template` and `defaults` are those of the default one.
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    template: PromptTemplate
+    template: Template
     name: str
     """The model id clients send (OpenAI `model` field) and /v1/models lists."""
     defaults: SamplingParams
     engine: GenerationEngine = dataclasses.field(init=False)
+    variants: dict[str, ServedVariant] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.engine = GenerationEngine(self.model, self.tokenizer)
+        self.variants = {self.name: ServedVariant(self.name, self.model, self.template, self.defaults)}
         if self.takes_images:  # prompts remembered before the adapter's weights were loaded are stale
             visual_prompter_of(self.model).forget()
+
+    def model_ids(self) -> list[str]:
+        """The ids clients may send as `model`, the default first."""
+        return list(self.variants)
+
+    def variant(self, model_id: str | None) -> ServedVariant:
+        """The variant for a request's `model` (None: the default)."""
+        if model_id is None:
+            model_id = self.name
+        if model_id not in self.variants:
+            raise UnknownModelError(
+                f"the model {model_id!r} does not exist; this server serves {', '.join(map(repr, self.variants))}"
+            )
+        return self.variants[model_id]
+
+    def update_defaults(self, **changes: Any) -> None:
+        """Change the sampling defaults of every variant (the command line's sampling options)."""
+        self.defaults = self.defaults.replace(**changes)
+        for variant in self.variants.values():
+            variant.defaults = variant.defaults.replace(**changes)
 
     @classmethod
     def from_model(
@@ -80,26 +138,31 @@ class ServedModel:
         template: str | None = None,
         name: str = "mmadapter",
         defaults: SamplingParams | None = None,
+        chat_template: str | None = None,
     ) -> ServedModel:
-        """Wrap a model already in memory (eval mode, merged or not) for the chat, API and web front ends."""
+        """Wrap a model already in memory (eval mode, merged or not) for the chat, API and web front ends.
+
+        `template` is a template name (default: the base family's official one); `chat_template` replaces
+        the tokenizer's own Jinja template for `chat` and `auto` (an adapter's recorded one)."""
         model_type = model.config.model_type
-        template_name = template or DEFAULT_TEMPLATES.get(model_type, "alpaca")
-        model.eval()
-        return cls(
-            model,
-            tokenizer,
-            get_template(template_name),
-            name,
-            defaults or DEFAULT_SAMPLING.get(model_type, SamplingParams()),
+        resolved = resolve_template(template or official_template(model_type), tokenizer, model_type, chat_template)
+        defaults = defaults or DEFAULT_SAMPLING.get(model_type, SamplingParams())
+        # A chat template's end-of-turn token (Llama 3's <|eot_id|> is not its EOS) ends every answer.
+        defaults = defaults.replace(
+            stop_token_ids=tuple(dict.fromkeys(defaults.stop_token_ids + resolved.stop_token_ids))
         )
+        model.eval()
+        return cls(model, tokenizer, resolved, name, defaults)
 
     @property
     def takes_images(self) -> bool:
-        return takes_images(self.model)
+        """Whether the default model id takes images."""
+        return self.variant(None).takes_images
 
     @property
     def method(self) -> str | None:
-        return adapter_method_name(self.model)
+        """The default model id's adapter method."""
+        return self.variant(None).method
 
 
 def load_served_model(
@@ -119,7 +182,7 @@ def load_served_model(
 
     `tokenizer` defaults to the base folder (presets have none: pass one). `dtype` defaults to
     bfloat16 on CUDA and float32 on CPU; `device` to CUDA when available. The template defaults
-    to the adapter's saved `prompt_template`, then to the base model's usual one.
+    to the adapter's recorded one (`adapter_template`), then to the base model's official one.
     """
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,7 +192,7 @@ def load_served_model(
         raise ValueError(f"base {base!r} is a preset without a tokenizer; pass a tokenizer folder (--tokenizer)")
     folder = None if adapter is None else download_adapter(adapter, revision)
     # A broken adapter config fails here, before the base loads for minutes.
-    saved_template = None if folder is None else read_adapter_config(folder).get("prompt_template")
+    document = {} if folder is None else read_adapter_config(folder)
     model = load_base_model(base, dtype=dtype, device=device)
     if folder is not None:
         load_adapter(model, folder, **(adapter_overrides or {}))
@@ -140,5 +203,81 @@ def load_served_model(
     source = Path(str(adapter if adapter is not None else base))
     served_name = name or (source.name if source.exists() else str(source))  # folder name, or preset / repo id
     return ServedModel.from_model(
-        model, load_tokenizer(tokenizer_source), template=template or saved_template, name=served_name
+        model,
+        load_tokenizer(tokenizer_source),
+        template=template or document.get("prompt_template"),
+        name=served_name,
+        chat_template=document.get("chat_template"),
     )
+
+
+def adapter_template(
+    document: dict[str, Any], tokenizer: Any, model_type: str, override: str | None = None
+) -> Template:
+    """The template an adapter folder records (`document`: its `read_adapter_config`), or `override` (a
+    `--template` name); a folder without a record gets the base family's official template."""
+    name = override or document.get("prompt_template") or official_template(model_type)
+    return resolve_template(name, tokenizer, model_type, document.get("chat_template"))
+
+
+def adapter_name(source: str | Path) -> str:
+    """A bare `--adapter PATH`'s model id: the folder's name, or the hub repo id."""
+    path = Path(str(source))
+    return path.name if path.exists() else str(source)
+
+
+def load_served_models(
+    base: str | Path,
+    adapters: dict[str, str | Path],
+    *,
+    tokenizer: str | Path | None = None,
+    template: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    adapter_overrides: dict[str, Any] | None = None,
+    revision: str | None = None,
+) -> ServedModel:
+    """BASE once, every adapter in `adapters` (model id -> folder or hub id) routed onto it, and the base
+    itself as `base`: rows of one batch may use different adapters, each at its request's adapter_scale.
+
+    Nothing is merged into the shared weights (each adapter's terms act per row). The first adapter is the
+    default model id. `template` overrides every adapter's saved template.
+    """
+    if BASE_MODEL_ID in adapters:
+        raise ValueError(f"--adapter: the name {BASE_MODEL_ID!r} is the base model's; choose another name")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    tokenizer_source = tokenizer or base
+    if str(tokenizer_source) in BASE_PRESETS:
+        raise ValueError(f"base {base!r} is a preset without a tokenizer; pass a tokenizer folder (--tokenizer)")
+    folders = {name: download_adapter(source, revision) for name, source in adapters.items()}
+    # Broken adapter configs fail here, before the base loads for minutes.
+    documents = {name: read_adapter_config(folder) for name, folder in folders.items()}
+    model = load_base_model(base, dtype=dtype, device=device)
+    shells = {name: make_shell(model) for name in folders}  # all before any routing is installed on the base
+    for name, folder in folders.items():
+        load_adapter(shells[name], folder, **(adapter_overrides or {}))
+        shells[name].to(device).eval()
+        if adapter_method_name(shells[name]) in PROMPT_METHODS:
+            use_prompt_attention(model)
+        install_routes(model, name, shells[name])
+    loaded_tokenizer = load_tokenizer(tokenizer_source)
+    model_type = model.config.model_type
+    served = ServedModel.from_model(model, loaded_tokenizer, template=template, name=BASE_MODEL_ID)
+    variants = {
+        name: ServedVariant(
+            name,
+            shell,
+            adapter_template(documents[name], loaded_tokenizer, model_type, override=template),
+            served.defaults,
+            route=name,
+        )
+        for name, shell in shells.items()
+    }
+    for variant in variants.values():
+        if variant.takes_images:
+            visual_prompter_of(variant.model).forget()
+    served.variants = {**variants, **served.variants}
+    served.name = next(iter(served.variants))
+    served.template, served.defaults = served.variants[served.name].template, served.variants[served.name].defaults
+    return served

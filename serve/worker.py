@@ -1,12 +1,14 @@
 """One model, many clients: a bounded queue in front of a single generation thread.
 
-The model generates one chat turn at a time (a CPU or one GPU gains little from interleaving,
-and serialising keeps the KV cache memory bounded). Requests beyond `max_queue` waiting ones are
-refused at once with `QueueFullError` (HTTP 429) instead of piling up. A client that goes away
-cancels its job: a waiting job is skipped, a running one stops before its next token.
+Turns share decoding steps (`serve.batching`: a turn joins the running batch after its prefill and
+leaves when it ends); decoding is memory-bound, so a batch of 8 costs little more than one turn.
+At most `max_batch` turns run and `max_queue` more wait; beyond that a request is refused at once
+with `QueueFullError` (HTTP 429) instead of piling up, which also bounds the KV cache memory. A
+client that goes away cancels its job: a waiting job is skipped, a running one leaves the batch at
+the next step.
 
 `close()` must run before the interpreter exits: it fails the waiting jobs, stops the running
-one at its next piece of text and waits for the thread. A daemon thread still inside torch when
+ones at their next step and waits for the thread. A daemon thread still inside torch when
 Python finalises is killed mid-call, and libtorch aborts the process ("terminate called without
 an active exception", exit code -6).
 """
@@ -19,7 +21,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from mmadapter.serve.chat import ChatTurn, TurnStarted, stream_turn
+from mmadapter.serve.batching import BatchScheduler, Sequence
+from mmadapter.serve.chat import ChatTurn, TurnStarted, generation_request, prompt_ids
 from mmadapter.serve.generate import TextDelta
 from mmadapter.serve.loader import ServedModel
 
@@ -51,6 +54,7 @@ class Job:
 
     def __init__(self, turn: ChatTurn) -> None:
         self.turn = turn
+        self.prompt_ids: list[int] = []
         self._events: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
 
@@ -87,17 +91,28 @@ class Job:
 
 
 class GenerationWorker:
-    """Runs chat turns for one `ServedModel` on a background thread, one at a time."""
+    """Runs chat turns for one `ServedModel` on a background thread, batched continuously.
 
-    def __init__(self, served: ServedModel, max_queue: int = 16) -> None:
+    Up to `max_batch` turns decode together (`serve.batching`); up to `max_queue` more wait. Prompts are
+    tokenized and checked in `submit` (the caller's thread), visual prompts and the model on the generation
+    thread. `max_batch=1` answers one turn at a time.
+    """
+
+    def __init__(
+        self, served: ServedModel, max_queue: int = 16, max_batch: int = 16, prefill_tokens: int = 512
+    ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.served = served
         self.max_queue = max_queue
+        self.scheduler = BatchScheduler(served.engine, max_batch, prefill_tokens)
         self._jobs: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0  # waiting + running
+        self._running = 0
+        self._generated = 0
         self._closed = False
+        self._active: dict[Sequence, Job] = {}
         # Daemon, so a worker nobody closes cannot hang the interpreter's exit; `close()` is what makes exit safe.
         self._thread = threading.Thread(target=self._loop, name="mmadapter-generation", daemon=True)
         self._thread.start()
@@ -108,27 +123,53 @@ class GenerationWorker:
         return self._pending
 
     @property
+    def running(self) -> int:
+        """Turns in the running batch (being prefilled or decoded)."""
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        """Accepted turns not yet in the batch."""
+        return max(0, self._pending - self._running)
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated since the worker started (for a tokens/s rate)."""
+        return self._generated
+
+    @property
     def alive(self) -> bool:
         """Whether the generation thread is alive (False once `close()` has stopped it)."""
         return self._thread.is_alive()
 
     def submit(self, turn: ChatTurn) -> Job:
+        """Queue a turn. A bad prompt (unknown model, too long) comes back as the job's `Failed` event."""
         with self._lock:
             if self._closed:
                 raise WorkerClosedError(SHUTTING_DOWN)
-            if self._pending > self.max_queue:  # one running + max_queue waiting
+            if self._pending >= self.scheduler.max_batch + self.max_queue:  # a full batch + max_queue waiting
                 raise QueueFullError(
                     f"the server is busy ({self._pending} requests in progress or waiting); retry shortly"
                 )
             self._pending += 1
-            job = Job(turn)
+        job = Job(turn)
+        try:
+            ids = prompt_ids(self.served, turn)  # tokenizer work here, not on the generation thread
+            self.served.engine.check_prompt_length(len(ids))
+            job.prompt_ids = ids
+        except ValueError as error:
+            self._finish(job, Failed(error))
+            return job
+        with self._lock:
+            if self._closed:
+                self._pending -= 1
+                raise WorkerClosedError(SHUTTING_DOWN)
             self._jobs.put(job)  # under the lock: every accepted job is queued before close()'s sentinel
         return job
 
     def close(self, timeout: float | None = 10.0) -> bool:
-        """Stop accepting jobs, fail the waiting ones, stop the running one at its next piece of text (a few
-        tokens at most), and wait up to `timeout` seconds for the thread to end. Returns whether it ended.
-        Safe to call twice."""
+        """Stop accepting jobs, fail the waiting ones, stop the running ones at their next step, and wait up to
+        `timeout` seconds for the thread to end. Returns whether it ended. Safe to call twice."""
         with self._lock:
             if not self._closed:
                 self._closed = True
@@ -139,33 +180,77 @@ class GenerationWorker:
             return False
         return True
 
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                if self._closed:  # queued before close(): the client is told why, not served
-                    job.put(Failed(WorkerClosedError(SHUTTING_DOWN)))
-                elif not job.cancelled:
-                    self._run(job)
-            finally:
-                with self._lock:
-                    self._pending -= 1
-                job.put(_DONE)  # after the count: a client that got its answer sees the slot free
+    def _finish(self, job: Job, last: Failed | None = None) -> None:
+        if last is not None:
+            job.put(last)
+        with self._lock:
+            self._pending -= 1
+        job.put(_DONE)  # after the count: a client that got its answer sees the slot free
 
-    def _run(self, job: Job) -> None:
-        stream = stream_turn(self.served, job.turn)
+    def _loop(self) -> None:
         try:
-            for event in stream:
-                if job.cancelled:
-                    logger.info("generation cancelled: the client went away")
-                    return
-                if self._closed:
-                    logger.info("generation stopped: the server is shutting down")
-                    job.put(Failed(WorkerClosedError(SHUTTING_DOWN)))
-                    return
-                job.put(event)
-        except Exception as error:  # reported to the client; the worker keeps serving
-            if not isinstance(error, ValueError):
-                logger.exception("generation failed")
-            job.put(Failed(error))
+            while self._admit(block=self.scheduler.idle):
+                self._cancel_gone()
+                try:
+                    events = self.scheduler.step()
+                except Exception as error:  # reported to every client in the batch; the worker keeps serving
+                    logger.exception("generation failed")
+                    self._fail_all(error)
+                    continue
+                self._deliver(events)
         finally:
-            stream.close()
+            self._fail_all(WorkerClosedError(SHUTTING_DOWN))
+            while (job := self._jobs.get_nowait() if not self._jobs.empty() else None) is not None:
+                self._finish(job, Failed(WorkerClosedError(SHUTTING_DOWN)))
+
+    def _admit(self, block: bool) -> bool:
+        """Move submitted jobs into the scheduler; False once the worker is closed."""
+        while True:
+            try:
+                job = self._jobs.get(block=block)
+            except queue.Empty:
+                return not self._closed
+            block = False
+            if job is None or self._closed:
+                if job is not None:
+                    self._finish(job, Failed(WorkerClosedError(SHUTTING_DOWN)))
+                return False
+            if job.cancelled:
+                self._finish(job)
+                continue
+            try:
+                request = generation_request(self.served, job.turn, job.prompt_ids)
+                sequence = self.scheduler.add(request)
+            except ValueError as error:
+                self._finish(job, Failed(error))
+                continue
+            except Exception as error:  # e.g. the vision tower failed on this picture
+                logger.exception("preparing the request failed")
+                self._finish(job, Failed(error))
+                continue
+            self._active[sequence] = job
+            job.put(TurnStarted(len(job.prompt_ids)))
+
+    def _cancel_gone(self) -> None:
+        for sequence, job in list(self._active.items()):
+            if job.cancelled and not sequence.cancelled:
+                logger.info("generation cancelled: the client went away")
+                self.scheduler.cancel(sequence)
+
+    def _deliver(self, events: list) -> None:
+        for sequence, delta in events:
+            self._active[sequence].put(delta)
+            self._generated += len(delta.token_ids)
+        for sequence, job in list(self._active.items()):
+            if sequence.finished:
+                del self._active[sequence]
+                self._finish(job)
+        self._running = self.scheduler.active
+
+    def _fail_all(self, error: BaseException) -> None:
+        for sequence, job in list(self._active.items()):
+            self.scheduler.cancel(sequence)
+            self._finish(job, Failed(error))
+        self._active.clear()
+        self.scheduler.close()
+        self._running = 0

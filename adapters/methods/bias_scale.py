@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mmadapter.adapters.backbones.quantization import is_quantized_linear
+from mmadapter.adapters.methods.strength import current_strength
 
 #: Short names used in configs -> module path inside a LLaMA decoder layer.
 LINEAR_PATHS: dict[str, str] = {
@@ -82,7 +83,13 @@ def _scale_input(linear: nn.Linear, args: tuple) -> tuple | None:
     if bias_scale_state(linear).merged:
         return None
     x = args[0]
-    return (x * linear.adapter_scale.to(x.dtype), *args[1:])
+    return (x * _scale_at_strength(linear.adapter_scale).to(x.dtype), *args[1:])
+
+
+def _scale_at_strength(scale: torch.Tensor) -> torch.Tensor:
+    """s at the current strength r: 1 + r (s - 1) (exactly 1 at r = 0, s itself at r = 1)."""
+    value = current_strength()
+    return scale if value == 1.0 else 1.0 + value * (scale.float() - 1.0)
 
 
 def _add_output_terms(linear: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -90,10 +97,11 @@ def _add_output_terms(linear: nn.Linear, args: tuple, output: torch.Tensor) -> t
     if state.merged:
         return None
     bias = getattr(linear, "adapter_bias", None)
+    value = current_strength()
     if bias is not None:
-        output = output + bias.to(output.dtype)
+        output = output + (bias if value == 1.0 else value * bias.float()).to(output.dtype)
     if state.scale_side == "output" and getattr(linear, "adapter_scale", None) is not None:
-        output = output * linear.adapter_scale.to(output.dtype)
+        output = output * _scale_at_strength(linear.adapter_scale).to(output.dtype)
     return output
 
 

@@ -31,6 +31,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from mmadapter.adapters.methods.routing import PROMPT_ROUTES_ATTRIBUTE, RowRouting, current_routing
+from mmadapter.adapters.methods.strength import current_strength, strength
+
 #: Keyword argument of the model's forward that carries per-sample visual prompts (B, K, D).
 VISUAL_PROMPT_KWARG = "adapter_visual_prompt"
 _PREFIX = "mmadapter_"
@@ -148,7 +151,7 @@ def prompt_key_values(
     if not grad:
         weights = [attention.adapter_prompt, *attention.k_proj.parameters(), *attention.v_proj.parameters()]
         weights += [] if k_norm is None else list(k_norm.parameters())
-        signature = (_tensor_signature(weights), dtype, fuse)
+        signature = (_tensor_signature(weights), dtype, fuse, current_strength())
         cached = state.cache
         if cached is not None and cached.signature == signature and (not fuse or cached.visual_prompt is visual_prompt):
             return cached.keys, cached.values
@@ -183,8 +186,26 @@ def gated_prompt_output(
     output = F.scaled_dot_product_attention(grouped, keys, values, scale=attention.scaling)
     output = output.view(batch, num_heads, length, head_dim)
     gate = attention.adapter_gate.tanh() if prompt_state(attention).gate_tanh else attention.adapter_gate
+    value = current_strength()
+    gate = gate if value == 1.0 else value * gate.float()  # a request's adapter_scale (routing)
     output = gate.to(query.dtype).view(1, num_heads, 1, 1) * output
     return output.transpose(1, 2)
+
+
+def _routed_prompt_output(module: nn.Module, query: torch.Tensor, output: torch.Tensor, routing: RowRouting):
+    """`output` plus each row group's prompt branch, from the prompts of the group's adapter (routing.py)."""
+    routes = getattr(module, PROMPT_ROUTES_ATTRIBUTE, None) or {}
+    for group in routing.groups:
+        source = routes.get(group.adapter)
+        if source is None:
+            continue
+        with strength(group.strength):
+            if group.whole_batch:
+                output = output + gated_prompt_output(source, query, group.visual_prompt)
+            else:
+                branch = gated_prompt_output(source, query[group.rows], group.visual_prompt)
+                output = output.index_add(0, group.rows, branch)
+    return output
 
 
 def _with_prompt_branch(name: str) -> Callable:
@@ -198,7 +219,10 @@ def _with_prompt_branch(name: str) -> Callable:
     ):
         visual_prompt = kwargs.pop(VISUAL_PROMPT_KWARG, None)
         output, weights = _KERNELS[name](module)(module, query, key, value, attention_mask, **kwargs)
-        if getattr(module, "adapter_prompt", None) is not None:
+        routing = current_routing()
+        if routing is not None:
+            output = _routed_prompt_output(module, query, output, routing)
+        elif getattr(module, "adapter_prompt", None) is not None:
             output = output + gated_prompt_output(module, query, visual_prompt)
         return output, weights
 

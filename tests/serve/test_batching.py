@@ -1,0 +1,262 @@
+"""Continuous batching and per-row adapters: a request's tokens never depend on what else is in the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmadapter.adapters import attach_adapter, make_config, save_adapter
+from mmadapter.adapters.methods.routing import RowRouting, routed
+from mmadapter.cli.serve_commands import _adapters
+from mmadapter.serve.batching import BatchScheduler, GenerationRequest
+from mmadapter.serve.chat import ChatTurn
+from mmadapter.serve.generate import GenerationEngine
+from mmadapter.serve.loader import BASE_MODEL_ID, UnknownModelError, load_served_model, load_served_models
+from mmadapter.serve.sampling import SamplingParams
+from mmadapter.serve.worker import GenerationWorker, QueueFullError
+from tests.helpers.perturb import perturb_adapter
+from tests.helpers.tiny_llama import build_tiny_llama
+
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
+PROMPTS = ["the red circle", "what colour is the small square on the left", "hi", "a blue square and a triangle"]
+ALL_LINEARS = ["q", "k", "v", "o", "gate", "up", "down"]
+#: The adapters served together: V1 prompts; V2 prompts + output-side bias/scale + norms + LoRA; plain LoRA.
+ADAPTERS = {
+    "v1": ("llama-adapter-v1", {"adapted_layers": 2, "prompt_length": 3}),
+    "v2": (
+        "llama-adapter-v2",
+        {
+            "visual_projector": "none",
+            "prompt_length": 3,
+            "bias_linears": ALL_LINEARS,
+            "scale_linears": ALL_LINEARS,
+            "scale_side": "output",
+            "lora_rank": 4,
+            "instruction_trains": ["prompts", "gates", "bias", "scale", "norms", "lora"],
+        },
+    ),
+    "lora": ("lora", {"r": 4}),
+}
+
+
+def sampled(seed: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.2, seed=seed)
+
+
+def run(engine: GenerationEngine, requests: list[GenerationRequest], join_every: int = 0, chunk: int = 512):
+    """Each request's tokens; with `join_every` > 0 one request joins every that many steps."""
+    scheduler = BatchScheduler(engine, max_batch=16, prefill_tokens=chunk)
+    waiting, sequences, tokens, step = list(requests), [], {}, 0
+    while waiting or not scheduler.idle:
+        if waiting and (join_every == 0 or step % join_every == 0):
+            sequences += [scheduler.add(r) for r in (waiting if join_every == 0 else waiting[:1])]
+            waiting = [] if join_every == 0 else waiting[1:]
+        for sequence, delta in scheduler.step():
+            tokens.setdefault(sequence, []).extend(delta.token_ids)
+        step += 1
+    return [tokens.get(s, []) for s in sequences]
+
+
+@pytest.fixture
+def engine(v1_model, tiny_tokenizer):
+    v1_model.config.max_position_embeddings = 1024
+    return GenerationEngine(v1_model, tiny_tokenizer)
+
+
+def test_batched_equals_alone_token_for_token_greedy_and_seeded(engine):
+    """Mixed prompt lengths and mixed settings in one batch; joining one by one with 7-token prefill chunks."""
+    ids = [engine.encode(p) for p in PROMPTS]
+    params = [GREEDY, sampled(1), sampled(2), GREEDY]
+    requests = [GenerationRequest(i, p) for i, p in zip(ids, params, strict=True)]
+    alone = [run(engine, [r])[0] for r in requests]
+    # The independent reference: the static engine (itself equal to transformers' generate in test_generate.py).
+    assert alone == [engine.generate([i], p)[0].token_ids for i, p in zip(ids, params, strict=True)]
+    assert run(engine, requests) == alone
+    assert run(engine, requests, join_every=3, chunk=7) == alone
+    assert all(len(tokens) == 10 for tokens in alone) and alone[1] != alone[2]  # the seeds matter
+
+
+def test_a_request_joins_mid_flight_and_leaves_early(engine):
+    long, short = (
+        GenerationRequest(engine.encode(p), GREEDY.replace(max_new_tokens=n))
+        for p, n in [(PROMPTS[1], 12), (PROMPTS[0], 3)]
+    )
+    scheduler = BatchScheduler(engine)
+    first = scheduler.add(long)
+    rows, counts = [], []
+    for step in range(14):
+        if step == 4:
+            second = scheduler.add(short)
+        scheduler.step()
+        rows.append(len(scheduler.running))
+        counts.append((first.text.generated, second.text.generated if step >= 4 else 0))
+    # Joins at step 4 (prefill -> first token, then a shared decoding step), leaves after step 5 with 3 tokens;
+    # the long request gains one token every step throughout.
+    assert rows[:7] == [1, 1, 1, 1, 2, 1, 1]
+    assert counts[:7] == [(2, 0), (3, 0), (4, 0), (5, 0), (6, 2), (7, 3), (8, 3)]
+    assert first.finished and second.finished
+    assert [t for t in run(engine, [long])[0]] == first.history[len(long.prompt_ids) :]
+    assert run(engine, [short])[0] == second.history[len(short.prompt_ids) :]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from tests.helpers.tiny_tokenizer import build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("adapters")
+    base = build_tiny_llama()
+    base.config.max_position_embeddings = 1024
+    base.save_pretrained(root / "base")
+    build_tiny_tokenizer().save_pretrained(root / "base")
+    saved = {}
+    for name, (method, options) in ADAPTERS.items():
+        model = build_tiny_llama()
+        attach_adapter(model, make_config(method, **options))
+        perturb_adapter(model)
+        saved[name] = save_adapter(model, root / name, prompt_template="alpaca")
+    return root / "base", saved
+
+
+@pytest.fixture(scope="module")
+def multi(folders):
+    base, saved = folders
+    return load_served_models(base, saved, device="cpu")
+
+
+def alone_model(folders, name: str | None):
+    """The adapter attached directly to its own base (the one-adapter path, unmerged): the reference."""
+    base, saved = folders
+    return load_served_model(base, None if name is None else saved[name], device="cpu", merge=False)
+
+
+@pytest.fixture(scope="module")
+def alone(folders):
+    """Each reference loaded once (tests that change a reference's weights load their own)."""
+    loaded = {}
+
+    def get(name: str | None):
+        if name not in loaded:
+            loaded[name] = alone_model(folders, name)
+        return loaded[name]
+
+    return get
+
+
+def test_mixed_adapters_in_one_batch_equal_each_adapter_alone(multi, alone):
+    assert multi.model_ids() == ["v1", "v2", "lora", BASE_MODEL_ID] and multi.name == "v1"
+    engine = multi.engine
+    routes = ["v1", "v2", "lora", None, "v2"]
+    ids = [engine.encode(p) for p in [*PROMPTS, PROMPTS[0]]]
+    params = [GREEDY, sampled(3), GREEDY, GREEDY, GREEDY]
+    requests = [GenerationRequest(i, p, r) for i, p, r in zip(ids, params, routes, strict=True)]
+    batched = run(engine, requests, join_every=2, chunk=9)
+    for request, tokens in zip(requests, batched, strict=True):
+        reference = alone(request.route).engine
+        assert tokens == reference.generate([request.prompt_ids], request.params)[0].token_ids, request.route
+
+    # Logits of one padded mixed prefill, row by row, against each adapter alone (fp32 rounding).
+    width = max(map(len, ids))
+    padded = torch.tensor([[0] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    with torch.no_grad(), routed(RowRouting.build(routes, [1.0] * len(routes), torch.device("cpu"))):
+        mixed = multi.model(padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    for row, (route, prompt) in enumerate(zip(routes, ids, strict=True)):
+        with torch.no_grad():
+            expected = alone(route).model(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(mixed[row, width - len(prompt) :], expected, atol=1e-5, rtol=1e-5)
+
+
+def _logits(model, ids, route=None, scale=1.0):
+    with torch.no_grad(), routed(None if route is None else RowRouting.build([route], [scale], torch.device("cpu"))):
+        return model(torch.tensor([ids])).logits
+
+
+def test_adapter_scale_zero_is_the_base_and_scales_each_term(multi, folders):
+    ids = multi.engine.encode(PROMPTS[1])
+    base = _logits(alone_model(folders, None).model, ids)
+    for name in ADAPTERS:
+        assert torch.equal(_logits(multi.model, ids, name, 0.0), base)
+        assert not torch.allclose(_logits(multi.model, ids, name, 0.5), base, atol=1e-3)
+
+    # V1 at 0.5 is the adapter with tanh(gate) halved.
+    v1 = alone_model(folders, "v1").model
+    with torch.no_grad():
+        for module in v1.modules():
+            if getattr(module, "adapter_gate", None) is not None:
+                module.adapter_gate.copy_(torch.atanh(0.5 * module.adapter_gate.tanh()))
+    torch.testing.assert_close(_logits(multi.model, ids, "v1", 0.5), _logits(v1, ids), atol=1e-5, rtol=1e-5)
+
+    # LoRA at 0.3 is the update B·A scaled by 0.3.
+    lora = alone_model(folders, "lora").model
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if ".lora_B." in name:
+                param.mul_(0.3)
+    torch.testing.assert_close(_logits(multi.model, ids, "lora", 0.3), _logits(lora, ids), atol=1e-5, rtol=1e-5)
+
+    # V2 at 0.25: gates r·tanh(g), biases r·b, scales 1 + r(s - 1), norms w0 + r(w - w0), LoRA r·B·A.
+    v2 = alone_model(folders, "v2").model
+    plain = alone_model(folders, None).model.state_dict()
+    r = 0.25
+    with torch.no_grad():
+        for name, param in v2.named_parameters():
+            if name.endswith("adapter_gate"):
+                param.copy_(torch.atanh(r * param.tanh()))
+            elif name.endswith("adapter_bias") or ".lora_B." in name:
+                param.mul_(r)
+            elif name.endswith("adapter_scale"):
+                param.copy_(1 + r * (param - 1))
+            elif name.endswith("norm.weight"):
+                param.copy_(plain[name] + r * (param - plain[name]))
+    torch.testing.assert_close(_logits(multi.model, ids, "v2", r), _logits(v2, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_worker_batches_concurrent_turns_with_the_alone_answers(multi, alone):
+    turns = [ChatTurn(p, adapter=a, params=GREEDY) for p, a in zip(PROMPTS, ["v1", "v2", "lora", "base"], strict=True)]
+    worker = GenerationWorker(multi, max_queue=0, max_batch=4)
+    try:
+        jobs = [worker.submit(turn) for turn in turns]
+        with pytest.raises(QueueFullError):
+            worker.submit(turns[0])  # 4 in the batch, 0 may wait
+        seen_running = []
+        answers = []
+        for job in jobs:
+            tokens = []
+            for event in job.events():
+                seen_running.append(worker.running)
+                tokens += getattr(event, "token_ids", [])
+            answers.append(tokens)
+    finally:
+        assert worker.close()
+    assert max(seen_running) > 1 and worker.pending == 0
+    for turn, job, tokens in zip(turns, jobs, answers, strict=True):
+        route = None if turn.adapter == "base" else turn.adapter
+        assert tokens == alone(route).engine.generate([job.prompt_ids], GREEDY)[0].token_ids
+
+
+def test_bad_model_id_and_scale_fail_clearly(multi):
+    with pytest.raises(UnknownModelError, match="'nope' does not exist; this server serves 'v1', 'v2', 'lora', 'base'"):
+        multi.variant("nope")
+    with pytest.raises(ValueError, match="adapter_scale must be between 0 and 1"):
+        ChatTurn("hi", adapter_scale=float("nan"))
+    worker = GenerationWorker(multi)
+    try:
+        [event] = [e for e in worker.submit(ChatTurn("hi", adapter="nope")).events()]
+        assert isinstance(event.error, UnknownModelError)
+    finally:
+        worker.close()
+
+
+def test_adapter_flag_names(tmp_path):
+    folder = tmp_path / "my-adapter"
+    folder.mkdir()
+    odd = tmp_path / "a=b"
+    odd.mkdir()
+    assert _adapters([str(folder), f"chat={folder}", "org/repo", str(odd)]) == {
+        "my-adapter": str(folder),
+        "chat": str(folder),
+        "org/repo": "org/repo",
+        "a=b": str(odd),
+    }
+    with pytest.raises(ValueError, match="the name 'my-adapter' is given twice"):
+        _adapters([str(folder), f"my-adapter={folder}"])
