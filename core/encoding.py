@@ -148,7 +148,7 @@ def _reply_span(
     content = messages[index]["content"]
     for reply in dict.fromkeys((content, content.strip())):  # some templates trim replies (Llama 3)
         at = text.find(reply + template.end_of_turn, len(prompt))
-        if at >= 0:
+        if at >= 0 and template.end_of_turn not in text[len(prompt) : at]:  # in this turn, not a later one
             end = at + len(reply) + len(template.end_of_turn)
             return start, _prefix_length(ids, _tokens(tokenizer, text[:end]), f"{which} and its end-of-turn token")
     raise DataError(f"the chat template does not render {which} as written, followed by {template.end_of_turn}")

@@ -168,6 +168,16 @@ def test_template_refusals_name_the_reason():
         encode(Example("x", TURNS), build_chat_tokenizer(), strict, max_length=9, caption_instruction="")
 
 
+def test_a_reply_the_template_rewrites_is_refused_not_matched_in_a_later_turn():
+    shout = "message['role'] == 'assistant' and not loop.last"
+    earlier_shouted = f"{{{{- message['content'] | upper if {shout} else message['content'] | trim }}}}"
+    shouting = LLAMA3_TEMPLATE.replace("{{- message['content'] | trim }}", earlier_shouted)
+    tokenizer = build_chat_tokenizer(shouting)
+    turns = (("what colour", "red"), ("and now", "red"))
+    with pytest.raises(DataError, match="does not render reply 0 as written, followed by <\\|eot_id\\|>"):
+        encode(Example("x", turns), tokenizer, chat_template_of(tokenizer), max_length=512, caption_instruction="")
+
+
 def test_auto_picks_the_chat_template_when_there_is_one():
     with_template, without = build_chat_tokenizer(CHATML_TEMPLATE), build_chat_tokenizer(None)
     assert resolve_template("auto", with_template, "llama").name == "chat"
