@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mmadapter.cli.options import announce_loading, check_port_free, device_name, port_number
+from mmadapter.core.templates import TEMPLATE_NAMES
 
 API_KEY_ENV = "MMADAPTER_API_KEY"
 #: What `--adapter NAME=PATH` accepts as NAME (a model id clients send).
@@ -35,7 +36,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--revision", help="hub revision of --adapter")
     group.add_argument("--tokenizer", help="tokenizer folder (default: the base folder)")
-    group.add_argument("--template", help="prompt template (default: the adapter's saved one; alpaca, chatglm, …)")
+    group.add_argument(
+        "--template",
+        choices=TEMPLATE_NAMES,
+        help="prompt template (default: the adapter's recorded one, else the base's official one); chat: the "
+        "tokenizer's chat template; auto: chat where the tokenizer has one",
+    )
     group.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
     group.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1, … (default: cuda if available)")
     group.add_argument("--clip-weights", help="local CLIP weights for a multimodal adapter (overrides the saved path)")
