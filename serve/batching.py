@@ -190,11 +190,15 @@ class BatchScheduler:
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Each row's next token from its own sampler (padding for finished rows) and the text that became visible."""
         events, tokens = [], []
+        greedy = None
+        if any(s.chooser.plain_greedy for s in sequences):  # one argmax for every plain greedy row
+            limit = self.engine.vocab_limit
+            greedy = (logits if limit is None else logits[:, :limit]).argmax(-1).tolist()
         for row, sequence in enumerate(sequences):
             if sequence.finished:
                 tokens.append(self.engine.pad_token_id)
                 continue
-            token = sequence.choose(logits[row : row + 1])
+            token = greedy[row] if sequence.chooser.plain_greedy else sequence.choose(logits[row : row + 1])
             tokens.append(token)
             delta = sequence.accept(token)
             if delta is not None:

@@ -109,6 +109,11 @@ class TokenChooser:
             else:
                 self.generator.manual_seed(params.seed)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the choice is the argmax of the raw logits (no processors), so rows can share one argmax."""
+        return self.generator is None and len(self.processors) == 0
+
     def __call__(self, sequences: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """sequences (B, T) so far, logits (B, V) -> next tokens (B,)."""
         if self.vocab_limit is not None:  # embedding rows without a token (ChatGLM pads its vocab) can't be decoded
