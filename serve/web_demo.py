@@ -116,7 +116,7 @@ def build_ui(
     defaults = served.defaults
     max_tokens_limit = max(64, min(2048, served.engine.context_length))
 
-    def respond(message, history, temperature, top_p, max_new_tokens):
+    def respond(message, history, temperature, top_p, max_new_tokens, adapter_scale=1.0):
         text, files = (message.get("text", ""), message.get("files", [])) if multimodal else (message, [])
         turns, image_path = history_turns(history)
         if files:
@@ -135,7 +135,7 @@ def build_ui(
             temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens)
         )
         try:
-            job = worker.submit(ChatTurn(text, turns, image, params))
+            job = worker.submit(ChatTurn(text, turns, image, params, adapter_scale=float(adapter_scale)))
         except (QueueFullError, WorkerClosedError) as error:
             raise gr.Error(str(error)) from error
         reply = ""
@@ -157,6 +157,9 @@ def build_ui(
         ),
     ]
     slider_defaults = [defaults.temperature, defaults.top_p, min(defaults.max_new_tokens, max_tokens_limit)]
+    if served.variant(None).route is not None:  # a routed adapter can be dialled down per request (0 = the base)
+        sliders.append(gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Adapter strength"))
+        slider_defaults.append(1.0)
     examples = _example_rows(Path(examples_dir), slider_defaults, multimodal) if examples_dir else None
     textbox = (
         gr.MultimodalTextbox(file_types=["image"], file_count="single", placeholder="Ask about an image…")

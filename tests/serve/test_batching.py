@@ -9,7 +9,7 @@ from mmadapter.adapters import attach_adapter, make_config, save_adapter
 from mmadapter.adapters.methods.routing import RowRouting, routed
 from mmadapter.cli.serve_commands import _adapters
 from mmadapter.serve.batching import BatchScheduler, GenerationRequest
-from mmadapter.serve.chat import ChatTurn
+from mmadapter.serve.chat import ChatTurn, prompt_ids
 from mmadapter.serve.generate import GenerationEngine
 from mmadapter.serve.loader import BASE_MODEL_ID, UnknownModelError, load_served_model, load_served_models
 from mmadapter.serve.sampling import SamplingParams
@@ -260,3 +260,20 @@ def test_adapter_flag_names(tmp_path):
     }
     with pytest.raises(ValueError, match="the name 'my-adapter' is given twice"):
         _adapters([str(folder), f"my-adapter={folder}"])
+
+
+def test_web_demo_dials_a_routed_adapter(multi, alone):
+    """The web demo submits to the batching worker; its "Adapter strength" slider at 0 answers as the base."""
+    from mmadapter.serve.web_demo import build_ui
+
+    ui = build_ui(multi, examples_dir=None)
+    try:
+        assert [i.label for i in ui.additional_inputs][-1] == "Adapter strength"
+        replies = {scale: list(ui.fn("what colour", [], 0.0, 0.75, 6, scale))[-1] for scale in (0.0, 1.0)}
+    finally:
+        ui.close()
+    assert replies[0.0] != replies[1.0]
+    for scale, reference in ((0.0, alone(None)), (1.0, alone("v1"))):
+        turn = ChatTurn("what colour", params=GREEDY.replace(max_new_tokens=6))
+        ids = reference.engine.generate([prompt_ids(multi, turn)], turn.params)
+        assert replies[scale] == ids[0].text
