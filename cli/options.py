@@ -6,9 +6,12 @@ import argparse
 import errno
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from mmadapter.core.quantization import Quantization
 
 
 def parse_assignments(items: list[str] | None) -> dict[str, Any]:
@@ -54,6 +57,37 @@ def device_name(value: str) -> str:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"{value}: mmadapter runs on cpu, cuda or mps")
     return value
+
+
+def add_quantize_option(group: argparse._ActionsContainer) -> None:
+    """`--quantize 4|8` of the commands that load a base model to run it (chat, serve, eval)."""
+    group.add_argument(
+        "--quantize",
+        type=int,
+        choices=(4, 8),
+        help="store the base's linear layers in 4 bits (NF4, bf16 compute) or 8 bits (LLM.int8); needs "
+        "pip install 'mmadapter[quantization]'",
+    )
+
+
+def quantization_option(bits: int | None, device: str | None) -> Quantization | None:
+    """`--quantize` as the loaders take it, checked for this machine (None: not given)."""
+    if bits is None:
+        return None
+    # Imported on use: `mmadapter --help` starts without torch.
+    from mmadapter.adapters.backbones.quantization import check_quantization
+    from mmadapter.core.quantization import Quantization
+
+    quantization = Quantization(bits=bits)
+    check_quantization(quantization, device or default_device(), "--quantize")
+    return quantization
+
+
+def default_device() -> str:
+    """Where a model runs when --device is not given: CUDA when available."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:

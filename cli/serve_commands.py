@@ -16,7 +16,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mmadapter.cli.options import announce_loading, check_port_free, device_name, port_number
+from mmadapter.cli.options import (
+    add_quantize_option,
+    announce_loading,
+    check_port_free,
+    device_name,
+    port_number,
+    quantization_option,
+)
 from mmadapter.core.templates import TEMPLATE_NAMES
 
 API_KEY_ENV = "MMADAPTER_API_KEY"
@@ -44,6 +51,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
     group.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1, … (default: cuda if available)")
+    add_quantize_option(group)
     group.add_argument("--clip-weights", help="local CLIP weights for a multimodal adapter (overrides the saved path)")
     group.add_argument("--name", help="model id shown to API clients (default: the adapter folder's name)")
     sampling = parser.add_argument_group("sampling (defaults: the model's official demo settings)")
@@ -139,6 +147,7 @@ def _load(args: argparse.Namespace):
     from mmadapter.serve.loader import load_served_model, load_served_models
 
     overrides = {"clip_pretrained": args.clip_weights} if args.clip_weights else None
+    quantization = quantization_option(args.quantize, args.device)
     adapters = _adapters(args.adapter)
     routed = bool(adapters) and getattr(args, "merge", True) is False  # `serve` without --merge
     if len(adapters) > 1 and not routed:
@@ -154,6 +163,7 @@ def _load(args: argparse.Namespace):
             template=args.template,
             dtype=args.dtype,
             device=args.device,
+            quantization=quantization,
             adapter_overrides=overrides,
             revision=args.revision,
         )
@@ -165,6 +175,7 @@ def _load(args: argparse.Namespace):
             template=args.template,
             dtype=args.dtype,
             device=args.device,
+            quantization=quantization,
             name=args.name or next(iter(adapters), None),
             adapter_overrides=overrides,
             revision=args.revision,
@@ -225,6 +236,7 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         allow_remote_images=args.allow_remote_images,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
         max_prompt_tokens=args.max_prompt_tokens,

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmadapter.cli.options import announce_loading, parse_assignments
+from mmadapter.cli.options import add_quantize_option, announce_loading, parse_assignments, quantization_option
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -56,6 +56,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--option", action="append", metavar="KEY=VALUE", help="format option (chatglm columns)")
     evaluate.add_argument("--base", help="base model preset or folder (default: the one it was trained on)")
     evaluate.add_argument("--tokenizer", help="tokenizer folder (default: the training recipe's)")
+    add_quantize_option(evaluate)
     evaluate.add_argument("--set", action="append", metavar="KEY=VALUE", help="data setting, e.g. max_length=256")
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--limit", type=int, help="use only the first N samples of each file")
@@ -128,7 +129,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from mmadapter.train.evaluate import generation_scores, load_for_eval, loss_and_perplexity
     from mmadapter.train.recipe import DataSection, DataSource, build_section
 
-    model, tokenizer, data = load_for_eval(args.adapter, args.base, args.tokenizer)
+    quantization = quantization_option(args.quantize, None)
+    model, tokenizer, data = load_for_eval(args.adapter, args.base, args.tokenizer, quantization=quantization)
     settings = parse_assignments(args.set)
     if settings:  # checked like a recipe's data section
         data = build_section(DataSection, {**dataclasses.asdict(data), **settings}, "data")

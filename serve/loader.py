@@ -27,10 +27,13 @@ from mmadapter.adapters.methods.base import get_method
 from mmadapter.adapters.methods.llama_adapter_v2 import takes_images, visual_prompter_of
 from mmadapter.adapters.methods.prompt_attention import use_prompt_attention
 from mmadapter.adapters.methods.routing import install_routes, make_shell
+from mmadapter.core.quantization import Quantization
 from mmadapter.core.templates import Template, official_template, resolve_template
 from mmadapter.serve.generate import GenerationEngine
 from mmadapter.serve.sampling import SamplingParams
 
+#: Methods served attached to the base itself rather than routed per row (P-Tuning v2: prefixes in the KV cache).
+UNROUTED_METHODS = ("ptuning-v2",)
 #: Methods that add LLaMA-Adapter prompts inside attention (the base then needs the prompt-aware kernel).
 PROMPT_METHODS = ("llama-adapter-v1", "llama-adapter-v2")
 #: Generation defaults of the official demos: LLaMA-Adapter (spec llama-adapter §1.7, §3.9) and
@@ -173,6 +176,7 @@ def load_served_model(
     template: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
+    quantization: Quantization | None = None,
     name: str | None = None,
     adapter_overrides: dict[str, Any] | None = None,
     revision: str | None = None,
@@ -193,7 +197,7 @@ def load_served_model(
     folder = None if adapter is None else download_adapter(adapter, revision)
     # A broken adapter config fails here, before the base loads for minutes.
     document = {} if folder is None else read_adapter_config(folder)
-    model = load_base_model(base, dtype=dtype, device=device)
+    model = load_base_model(base, dtype=dtype, device=device, quantization=quantization)
     if folder is not None:
         load_adapter(model, folder, **(adapter_overrides or {}))
         model.to(device)
@@ -234,6 +238,7 @@ def load_served_models(
     template: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
+    quantization: Quantization | None = None,
     adapter_overrides: dict[str, Any] | None = None,
     revision: str | None = None,
 ) -> ServedModel:
@@ -253,7 +258,20 @@ def load_served_models(
     folders = {name: download_adapter(source, revision) for name, source in adapters.items()}
     # Broken adapter configs fail here, before the base loads for minutes.
     documents = {name: read_adapter_config(folder) for name, folder in folders.items()}
-    model = load_base_model(base, dtype=dtype, device=device)
+    if len(adapters) == 1 and documents[next(iter(adapters))]["adapter"].get("method") in UNROUTED_METHODS:
+        # Its prefix lives in each request's KV cache: served alone, attached to the base itself (no `base` id).
+        [(name, folder)] = folders.items()
+        return load_served_model(
+            base,
+            folder,
+            tokenizer=tokenizer,
+            template=template,
+            dtype=dtype,
+            device=device,
+            name=name,
+            adapter_overrides=adapter_overrides,
+        )
+    model = load_base_model(base, dtype=dtype, device=device, quantization=quantization)
     shells = {name: make_shell(model) for name in folders}  # all before any routing is installed on the base
     for name, folder in folders.items():
         load_adapter(shells[name], folder, **(adapter_overrides or {}))

@@ -20,6 +20,7 @@ from mmadapter.adapters.backbones.presets import BASE_PRESETS
 from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
 from mmadapter.core.encoding import encode_prompt
 from mmadapter.core.examples import Example
+from mmadapter.core.quantization import Quantization
 from mmadapter.core.templates import Template
 from mmadapter.train.chatglm_data import ChatGLMRow, build_eval_example, eval_prompt
 from mmadapter.train.data import (
@@ -49,8 +50,15 @@ def saved_recipe(adapter_dir: str | Path):
     return parse_recipe(training)
 
 
-def load_for_eval(adapter_dir: str | Path, base: str | None = None, tokenizer: str | None = None, dtype=None):
-    """(model with the adapter, tokenizer, data settings of the last training stage or defaults)."""
+def load_for_eval(
+    adapter_dir: str | Path,
+    base: str | None = None,
+    tokenizer: str | None = None,
+    dtype=None,
+    quantization: Quantization | None = None,
+):
+    """(model with the adapter, tokenizer, data settings of the last training stage or defaults); a quantized
+    base loads straight onto the device the evaluation runs on."""
 
     document = read_adapter_config(adapter_dir)
     recipe = saved_recipe(adapter_dir)
@@ -62,7 +70,9 @@ def load_for_eval(adapter_dir: str | Path, base: str | None = None, tokenizer: s
         raise ValueError(f"base {base!r} is a preset without a tokenizer; pass --tokenizer")
     if base in BASE_PRESETS and recipe is not None:  # a preset's random weights: the ones the run trained on
         torch.manual_seed(recipe.stages[0].train.seed)
-    model = load_base_model(base, dtype=dtype or (recipe.model.dtype if recipe else None))
+    device = PartialState(cpu=not has_accelerator_device()).device if quantization is not None else "cpu"
+    dtype = dtype or (recipe.model.dtype if recipe else None)
+    model = load_base_model(base, dtype=dtype, device=device, quantization=quantization)
     load_adapter(model, adapter_dir)
     data = recipe.stages[-1].data if recipe else DataSection(template=document.get("prompt_template") or "alpaca")
     return model.eval(), load_tokenizer(folder), data

@@ -18,8 +18,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from mmadapter.adapters.backbones.quantization import Quantization
 from mmadapter.core.config import Bool, Float, Int, describe, document_type, json_schema, parse
+from mmadapter.core.quantization import Quantization
 from mmadapter.core.templates import TemplateName
 
 T = TypeVar("T")

@@ -17,8 +17,9 @@ from transformers import AutoTokenizer, LlamaTokenizer, PretrainedConfig, PreTra
 
 from mmadapter.adapters.backbones.meta_llama import is_meta_checkpoint, load_meta_checkpoint
 from mmadapter.adapters.backbones.presets import BASE_PRESETS, base_config, build_base_model, model_class_for
-from mmadapter.adapters.backbones.quantization import Quantization, bitsandbytes_config, check_quantization
+from mmadapter.adapters.backbones.quantization import bitsandbytes_config, check_quantization
 from mmadapter.core.files import torch_file_errors
+from mmadapter.core.quantization import Quantization
 
 #: model_type -> tokenizer loader for backbones whose tokenizer is not a stock transformers one.
 TOKENIZER_LOADERS: dict[str, object] = {}

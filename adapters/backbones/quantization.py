@@ -10,50 +10,19 @@ bias/scale and LoRA stay unmerged on it (their hooks / peft's branch apply at ev
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import sys
-from typing import Literal
 
 import torch
 from torch import nn
+from transformers import BitsAndBytesConfig
 
-from mmadapter.core.config import Bool, document_type
+from mmadapter.core.quantization import Quantization
 
 #: What `pip` installs for a quantized base.
 INSTALL_HINT = "pip install 'mmadapter[quantization]' (bitsandbytes)"
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@document_type
-@dataclasses.dataclass
-class Quantization:
-    """How the frozen base's linear layers are stored (recipes: `model.quantization`, commands: `--quantize`)."""
-
-    bits: Literal[4, 8]
-    """4: NF4/FP4 weights dequantized per matmul (QLoRA); 8: LLM.int8 (int8 weights, outliers in fp16)."""
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    """4-bit only: NormalFloat4 (for normally distributed weights, QLoRA's choice) or plain FP4."""
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """4-bit only: dtype of the dequantized weights and of the matmul."""
-    double_quant: Bool = True
-    """4-bit only: quantize the per-block scales too (about 0.4 bits per weight less)."""
-
-
-def bitsandbytes_config(quantization: Quantization):
-    """transformers' `BitsAndBytesConfig` for `quantization`."""
-    from transformers import BitsAndBytesConfig
-
-    if quantization.bits == 8:
-        quiet_int8_casts()
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quantization.quant_type,
-        bnb_4bit_compute_dtype=_COMPUTE_DTYPES[quantization.compute_dtype],
-        bnb_4bit_use_double_quant=quantization.double_quant,
-    )
 
 
 class _Int8CastNotice(logging.Filter):
@@ -69,6 +38,19 @@ def quiet_int8_casts() -> None:
     log = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _Int8CastNotice) for f in log.filters):
         log.addFilter(_Int8CastNotice())
+
+
+def bitsandbytes_config(quantization: Quantization) -> BitsAndBytesConfig:
+    """transformers' `BitsAndBytesConfig` for `quantization`."""
+    if quantization.bits == 8:
+        quiet_int8_casts()
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_compute_dtype=_COMPUTE_DTYPES[quantization.compute_dtype],
+        bnb_4bit_use_double_quant=quantization.double_quant,
+    )
 
 
 def check_quantization(quantization: Quantization, device: str | torch.device, where: str) -> None:
@@ -89,8 +71,3 @@ def is_quantized_linear(module: nn.Module) -> bool:
         return False
     linear = getattr(module, "base_layer", module)
     return isinstance(linear, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """Whether `model` was loaded with quantized weights."""
-    return getattr(model, "hf_quantizer", None) is not None

@@ -19,11 +19,13 @@ from mmadapter.adapters import (
     save_adapter,
     trainable_parameters,
 )
-from mmadapter.adapters.backbones.quantization import Quantization, check_quantization, is_quantized_linear
+from mmadapter.adapters.backbones.quantization import check_quantization, is_quantized_linear
 from mmadapter.adapters.methods.bias_scale import bias_scale_state
 from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompt
 from mmadapter.adapters.methods.lora import lora_layers
-from mmadapter.serve.loader import merge_for_serving
+from mmadapter.core.quantization import Quantization
+from mmadapter.serve.loader import load_served_model, merge_for_serving
+from mmadapter.serve.sampling import SamplingParams
 from tests.helpers.chatglm_reference import GMASK, SOP
 from tests.helpers.llama_v2_setup import EVERYTHING, pixels, tiny_v2_config
 from tests.helpers.perturb import perturb_adapter
@@ -197,3 +199,27 @@ def test_on_cuda_zero_init_is_exact_and_the_adapter_trains(folders, bits):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_serving_a_quantized_base_keeps_v2_unmerged_and_greedy_equals_generate(tmp_path, tiny_tokenizer, bits):
+    text_v2 = {**EVERYTHING, "visual_projector": "none", "caption_trains": ["prompts", "gates"]}
+    trained = attach_adapter(load_base_model("tiny-llama"), make_config("llama-adapter-v2", **text_v2))
+    perturb_adapter(trained)
+    folder = save_adapter(trained, tmp_path / "v2")
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    served = load_served_model(
+        "tiny-llama", folder, tokenizer=tmp_path / "tokenizer", device="cpu", quantization=Quantization(bits=bits)
+    )
+    model = served.model
+    assert is_quantized_linear(model.model.layers[0].self_attn.q_proj)
+    assert not any(state.merged for state in map(bias_scale_state, model.modules()) if state is not None)
+    assert not any(layer.merged for layer in lora_layers(model))
+    ids, mask = left_padded()
+    params = SamplingParams(max_new_tokens=5, temperature=0.0)
+    prompts = [row[row_mask.bool()].tolist() for row, row_mask in zip(ids, mask, strict=True)]
+    completions = served.engine.generate(prompts, params)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    for completion, row in zip(completions, expected[:, ids.shape[1] :].tolist(), strict=True):
+        assert completion.token_ids == (row[: row.index(2) + 1] if 2 in row else row)

@@ -4,12 +4,14 @@ the adapter trains, and a bad value or a missing backend names the key."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
 
 from mmadapter.adapters.backbones.quantization import is_quantized_linear
 from mmadapter.adapters.methods.base import trainable_parameters
+from mmadapter.cli.main import main
 from mmadapter.train.loop import train
 from mmadapter.train.setup import build_model
 from tests.helpers.threads import single_thread  # noqa: F401 (autouse fixture)
@@ -53,3 +55,27 @@ def test_without_bitsandbytes_training_names_the_recipe_key(make_recipe, tokeniz
     recipe = make_recipe(model={"base": "tiny-llama", "tokenizer": str(tokenizer_dir), "quantization": {"bits": 4}})
     with pytest.raises(ValueError, match=r"^model.quantization: a 4-bit base needs bitsandbytes"):
         build_model(recipe, None, None)
+
+
+def test_eval_quantize_loads_a_full_precision_adapter_on_a_quantized_base(make_recipe, capsys):
+    recipe = make_recipe(train={"max_steps": 4, "lr": 0.3}, data_options={"eval_from_train": 8})
+    result = train(recipe)
+    data = recipe.stages[0].data.train[0].path
+    full = result.summary["final_eval_loss"]
+    losses = {}
+    for bits in (4, 8):
+        capsys.readouterr()
+        assert (
+            main(["eval", str(result.adapter_dir), "--data", data, "--limit", "8", "--quantize", str(bits), "--json"])
+            == 0
+        )
+        losses[bits] = json.loads(capsys.readouterr().out)["eval_loss"]
+    # The same adapter on a quantized base: close to the full-precision loss, closer with more bits.
+    assert abs(losses[8] - full) < abs(losses[4] - full) < 0.05 * full
+    assert losses[8] != full
+
+
+def test_a_bad_quantize_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["eval", "runs/x/adapter", "--data", "d.json", "--quantize", "3"])
+    assert stopped.value.code == 2 and "--quantize: invalid choice: 3 (choose from 4, 8)" in capsys.readouterr().err
