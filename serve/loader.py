@@ -270,6 +270,7 @@ def load_served_models(
             device=device,
             name=name,
             adapter_overrides=adapter_overrides,
+            quantization=quantization,
         )
     model = load_base_model(base, dtype=dtype, device=device, quantization=quantization)
     shells = {name: make_shell(model) for name in folders}  # all before any routing is installed on the base

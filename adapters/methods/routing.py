@@ -141,9 +141,7 @@ def install_routes(base: nn.Module, name: str, shell: nn.Module) -> list[str]:
     """Let rows routed to adapter `name` use `shell`'s modules; returns the paths that got a routing forward."""
     if getattr(base, "adapter_config", None) is not None:
         raise ValueError("adapters are routed onto a plain base model; this one already carries an adapter")
-    if getattr(base.get_decoder(), "prefix_encoder", None) is not None or hasattr(
-        shell.get_decoder(), "prefix_encoder"
-    ):
+    if any(getattr(m.get_decoder(), "prefix_encoder", None) is not None for m in (base, shell)):
         raise ValueError(
             f"adapter {name!r}: P-Tuning v2 prefixes live in each request's KV cache, which rows of other adapters "
             "share in a batch; serve a P-Tuning v2 adapter on its own (one --adapter)"

@@ -277,3 +277,21 @@ def test_web_demo_dials_a_routed_adapter(multi, alone):
         turn = ChatTurn("what colour", params=GREEDY.replace(max_new_tokens=6))
         ids = reference.engine.generate([prompt_ids(multi, turn)], turn.params)
         assert replies[scale] == ids[0].text
+
+
+def test_ptuning_v2_is_served_alone_and_refused_in_a_mix(folders, tmp_path):
+    base, saved = folders
+    model = build_tiny_llama()
+    attach_adapter(model, make_config("ptuning-v2", pre_seq_len=4))
+    perturb_adapter(model)
+    prefix = save_adapter(model, tmp_path / "prefix", prompt_template="alpaca")
+    served = load_served_models(base, {"prefix": prefix}, device="cpu")
+    assert served.model_ids() == ["prefix"] and not served.engine.batchable
+    ids = served.engine.encode(PROMPTS[0])
+    reference = load_served_model(base, prefix, device="cpu")
+    assert (
+        run(served.engine, [GenerationRequest(ids, GREEDY)] * 2)
+        == [reference.engine.generate([ids], GREEDY)[0].token_ids] * 2
+    )
+    with pytest.raises(ValueError, match="adapter 'prefix': P-Tuning v2 prefixes live in each request's KV cache"):
+        load_served_models(base, {"v1": saved["v1"], "prefix": prefix}, device="cpu")
