@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmadapter.adapters import attach_adapter, make_config, save_adapter
-from mmadapter.adapters.methods.routing import RowRouting, routed
+from mmadapter.adapters.methods.routing import RowRouting, install_routes, make_shell, routed
 from mmadapter.cli.serve_commands import _adapters
 from mmadapter.serve.batching import BatchScheduler, GenerationRequest
 from mmadapter.serve.chat import ChatTurn, prompt_ids
@@ -295,3 +295,22 @@ def test_ptuning_v2_is_served_alone_and_refused_in_a_mix(folders, tmp_path):
     )
     with pytest.raises(ValueError, match="adapter 'prefix': P-Tuning v2 prefixes live in each request's KV cache"):
         load_served_models(base, {"v1": saved["v1"], "prefix": prefix}, device="cpu")
+
+
+def test_lora_routes_on_chatglm(tiny_glm):
+    """ChatGLM-6B (its own modeling code, one request at a time) takes routed LoRA rows too."""
+    base, direct = tiny_glm(seed=0, attn="eager"), tiny_glm(seed=0, attn="eager")
+    attach_adapter(direct, make_config("lora", r=4))
+    perturb_adapter(direct)
+    shell = make_shell(base)
+    attach_adapter(shell, make_config("lora", r=4))
+    shell.load_state_dict({k: v for k, v in direct.state_dict().items() if ".lora_" in k}, strict=False)
+    assert install_routes(base, "lora", shell) == [
+        f"transformer.layers.{i}.attention.query_key_value" for i in range(3)
+    ]
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        expected, plain = direct(ids).logits, base(ids).logits
+        with routed(RowRouting.build(["lora"], [1.0], torch.device("cpu"))):
+            torch.testing.assert_close(base(ids).logits, expected, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(plain, expected, atol=1e-3)
