@@ -314,3 +314,17 @@ def test_lora_routes_on_chatglm(tiny_glm):
         with routed(RowRouting.build(["lora"], [1.0], torch.device("cpu"))):
             torch.testing.assert_close(base(ids).logits, expected, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(plain, expected, atol=1e-3)
+
+
+def test_a_long_prompt_prefills_in_chunks_while_streams_keep_flowing(engine):
+    scheduler = BatchScheduler(engine, prefill_tokens=8)
+    running = scheduler.add(GenerationRequest(engine.encode(PROMPTS[2]), GREEDY.replace(max_new_tokens=30)))
+    scheduler.step()
+    long = scheduler.add(GenerationRequest(engine.encode(PROMPTS[1] * 2), GREEDY))
+    chunks = -(-len(long.request.prompt_ids) // 8)
+    before = running.text.generated
+    for step in range(chunks):
+        scheduler.step()
+        assert running.text.generated == before + step + 1  # one token per step during the long prefill
+        assert long.text.generated == (0 if step < chunks - 1 else 2)  # first token after its last chunk
+    assert chunks >= 5
