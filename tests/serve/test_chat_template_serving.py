@@ -9,8 +9,10 @@ from mmadapter.adapters import attach_adapter, make_config, save_adapter
 from mmadapter.adapters.io.adapter_folder import inspect_adapter_folder
 from mmadapter.adapters.io.checkpoint import read_adapter_config
 from mmadapter.adapters.io.model_card import build_model_card
+from mmadapter.serve.chat import ChatTurn, prompt_ids, stream_turn
 from mmadapter.serve.loader import ServedModel, load_served_model
 from mmadapter.serve.prompting import encode_chat
+from mmadapter.serve.sampling import SamplingParams
 from tests.helpers.chat_tokenizer import CHATML_TEMPLATE, LLAMA3_TEMPLATE, build_chat_tokenizer
 
 HISTORY = (("what colour is the circle", "red"),)
@@ -86,3 +88,20 @@ def test_the_record_is_checked_when_read_and_described_in_the_model_card(v1_base
     config.write_text(config.read_text().replace('"prompt_template": "chat"', '"prompt_template": "chatml"'))
     with pytest.raises(ValueError, match=r"mmadapter_config.json: prompt_template: expected one of alpaca, .*chat"):
         read_adapter_config(folder)
+
+
+def test_a_chat_turn_is_asked_with_the_template_and_ends_at_its_end_of_turn_token(v1_base):
+    """The front ends' one path (serve/chat.py): system slot, prompt ids, and the end-of-turn token as a stop."""
+    tokenizer = build_chat_tokenizer(LLAMA3_TEMPLATE)
+    served = ServedModel.from_model(v1_base, tokenizer, template="chat")
+    turn = ChatTurn(QUESTION, HISTORY, system=SYSTEM, params=SamplingParams(max_new_tokens=5, temperature=0.0))
+    expected = tokenizer.apply_chat_template(asked(SYSTEM), add_generation_prompt=True, return_dict=False)
+    assert prompt_ids(served, turn) == expected
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+    def answer_ends_now(module, inputs, logits):  # greedy picks <|eot_id|> first
+        logits[..., end_of_turn] += 1e4
+
+    v1_base.lm_head.register_forward_hook(answer_ends_now)
+    *_, last = stream_turn(served, turn)
+    assert (last.finish_reason, last.completion_tokens) == ("stop", 1)
