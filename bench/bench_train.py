@@ -12,13 +12,19 @@ autograd saves for backward (counted once per storage while the forward runs). T
 step, which comes at the end of the backward pass. On a GPU the CUDA allocator's own peak is also
 reported (`torch.cuda.max_memory_allocated`).
 
+The second table accounts one LLaMA-Adapter V2 instruction step (released BIAS-7B adapter: prompts, biases,
+norms; the visual prompt from cached CLIP features) at the 7B shape on the meta device, on a bf16 base and on a
+4-/8-bit one (bitsandbytes layout), with and without gradient checkpointing, against a 16 GB GPU.
+
     python bench/bench_train.py [--quick] [--out bench/results/train.json]
+    python bench/bench_train.py --memory-7b [--batch 4 --seq 512]   # the second table alone (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import platform
 import statistics
 import time
@@ -26,12 +32,15 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from benchlib import RESULTS, saved_for_backward, write_results
+from torch import nn
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, optimizer_param_groups
-from mmadapter.adapters.backbones.presets import llama_config
+from mmadapter.adapters.backbones.presets import base_config, llama_config
 from mmadapter.adapters.methods.base import mark_trainable, no_weight_decay
 from mmadapter.train.loss import TokenLoss
+from mmadapter.train.setup import set_gradient_checkpointing
 
 
 def method_configs(layers: int) -> dict[str, tuple[str, dict] | None]:
@@ -86,11 +95,125 @@ def train_step(loss_module, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+# ---------------------------------------------------------------- a 7B V2 step on a quantized base, accounted
+
+GIB = 2**30
+#: A "16 GB" GPU, in bytes as its maker counts them (14.9 GiB), before the CUDA context takes its share.
+GPU_16GB = 16 * 10**9
+
+
+def nf4_bytes(numel: int, double_quant: bool = True) -> int:
+    """bitsandbytes NF4: 4 bits a value plus one absmax per block of 64 values (float32, or with double
+    quantization 8 bits plus one float32 per 256 blocks)."""
+    blocks = math.ceil(numel / 64)
+    return numel // 2 + (blocks + 4 * math.ceil(blocks / 256) if double_quant else 4 * blocks)
+
+
+def int8_bytes(linear: nn.Linear) -> int:
+    """LLM.int8: one byte a value plus a float32 scale per output row."""
+    return linear.weight.numel() + 4 * linear.out_features
+
+
+def quantized_linears(model: nn.Module) -> list[nn.Linear]:
+    """What transformers' bitsandbytes integration quantizes here: the decoder layers' linears (the output head,
+    and the vision tower and projector that are attached after loading, keep their dtype)."""
+    return [m for m in model.get_decoder().layers.modules() if isinstance(m, nn.Linear)]
+
+
+def v2_7b_memory(batch: int, seq: int) -> dict[str, dict[str, int]]:
+    """(base, checkpointing) -> accounted bytes of one V2 instruction step at the 7B shape, by part."""
+    model = build_base_model(base_config("llama-7b"), device="meta", dtype=torch.bfloat16)
+    attach_adapter(model, make_config("llama-adapter-v2", "multimodal-7b"))
+    trainable = list(mark_trainable(model, "instruction").values())
+    config = model.config
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    inputs = {
+        "input_ids": ids,
+        # A 4-D mask: transformers reads the values of a 2-D one, which meta tensors do not have.
+        "attention_mask": torch.ones(batch, 1, seq, seq, dtype=torch.bool, device="meta"),
+        # The instruction stage trains neither CLIP nor the projector: the visual prompt carries no graph.
+        "adapter_visual_prompt": torch.zeros(
+            batch, model.adapter_config.prompt_length, config.hidden_size, device="meta"
+        ),
+    }
+
+    def loss() -> torch.Tensor:  # TokenLoss's arithmetic
+        logits = model(**inputs).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").sum()
+
+    model.train()
+    _, plain = saved_for_backward(loss, model)
+    set_gradient_checkpointing(model, True)
+    _, outside = saved_for_backward(loss, model)  # what the checkpointed layers do not hide: embedding, head, loss
+    layers = config.num_hidden_layers
+    hidden = batch * seq * config.hidden_size * 2  # one layer's bf16 input, kept for its replay
+    # Checkpointed: the layers' inputs, plus one layer's activations while it is replayed in the backward pass.
+    checkpointed = outside + layers * hidden + (plain - outside) // layers
+
+    linears = quantized_linears(model)
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    in_linears = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    largest = max(m.weight.numel() for m in linears)
+    weights = {
+        "bf16": full,
+        "4-bit": full - in_linears + sum(nf4_bytes(m.weight.numel()) for m in linears),
+        "8-bit": full - in_linears + sum(int8_bytes(m) for m in linears),
+    }
+    common = {
+        "gradients": sum(p.numel() * p.element_size() for p in trainable),
+        "optimizer": sum(2 * p.numel() * 4 for p in trainable),
+    }
+    rows = {}
+    for base, weight_bytes in weights.items():
+        # The backward pass of a quantized linear dequantizes its weight to bf16, one layer at a time.
+        dequantized = 0 if base == "bf16" else largest * 2
+        for on, activations in ((False, plain), (True, checkpointed)):
+            parts = {"weights": weight_bytes, **common, "activations": activations, "dequantized": dequantized}
+            rows[f"{base} base, checkpointing {'on' if on else 'off'}"] = {**parts, "total": sum(parts.values())}
+    return rows
+
+
+def memory_7b_table(batch: int, seq: int) -> dict:
+    rows = v2_7b_memory(batch, seq)
+    print(f"\nLLaMA-Adapter V2 instruction step at the 7B shape, batch {batch} x {seq} tokens (accounted on meta):")
+    print(f"{'base':<36} {'weights':>8} {'activ.':>8} {'grad+opt':>9} {'total GiB':>10}  fits 16 GB")
+    for name, row in rows.items():
+        print(
+            f"{name:<36} {row['weights'] / GIB:>8.2f} {row['activations'] / GIB:>8.2f} "
+            f"{(row['gradients'] + row['optimizer']) / GIB:>9.3f} {row['total'] / GIB:>10.2f}  "
+            f"{'yes' if row['total'] <= GPU_16GB else 'no'}"
+        )
+    return {
+        "setup": {"shape": "llama-7b", "adapter": "llama-adapter-v2 multimodal-7b, instruction stage", "batch": batch},
+        "seq": seq,
+        "memory_method": "accounted on the meta device: weights (bitsandbytes layout when quantized) + trainable "
+        "grads + AdamW moments + saved activations (checkpointed: layer inputs + one replayed layer) + one "
+        "dequantized weight; CUDA context and allocator slack not included",
+        "gpu_16gb_bytes": GPU_16GB,
+        "results": rows,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller model, fewer steps (seconds)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "train.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="JSON (default bench/results/train.json, with --memory-7b bench/results/train_memory_7b.json)",
+    )
+    parser.add_argument("--memory-7b", action="store_true", help="only the accounted 7B V2 step (seconds)")
+    parser.add_argument("--batch", type=int, default=4, help="7B V2 step: sequences (released: 4 per GPU)")
+    parser.add_argument("--seq", type=int, default=512, help="7B V2 step: tokens per sequence (released: 512)")
     args = parser.parse_args()
+    if args.memory_7b:
+        document = {
+            "benchmark": "train_memory_7b",
+            "date": date.today().isoformat(),
+            **memory_7b_table(args.batch, args.seq),
+        }
+        write_results(document, args.out or RESULTS / "train_memory_7b.json")
+        return
     layers, width, seq, batch_size, vocab, rounds = (
         (4, 256, 128, 2, 4096, 3) if args.quick else (8, 512, 256, 2, 4096, 5)
     )
@@ -157,8 +280,9 @@ def main() -> None:
         "setup": {"layers": layers, "width": width, "vocab": vocab, "batch": batch_size, "seq": seq, "device": device},
         "memory_method": "accounted: weights + trainable grads + AdamW moments + saved activations",
         "results": rows,
+        "v2_7b_memory": memory_7b_table(args.batch, args.seq),
     }
-    write_results(document, args.out)
+    write_results(document, args.out or RESULTS / "train.json")
 
 
 if __name__ == "__main__":

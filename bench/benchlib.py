@@ -22,13 +22,14 @@ def write_results(document: dict[str, Any], out: Path) -> None:
 
 def saved_for_backward(forward: Callable[[], Any], model: nn.Module) -> tuple[Any, int]:
     """(forward's result, bytes autograd keeps for backward), each storage once. The model's weights are
-    left out: autograd saves them too, but they are counted as weights already."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    left out: autograd saves them too, but they are counted as weights already. Storages are told apart by
+    their identity (`_cdata`), not their address, so this also counts a model on the meta device."""
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        saved.setdefault(storage.data_ptr(), storage.nbytes())
+        saved.setdefault(storage._cdata, storage.nbytes())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
