@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import sys
 
 import torch
@@ -71,3 +72,10 @@ def is_quantized_linear(module: nn.Module) -> bool:
         return False
     linear = getattr(module, "base_layer", module)
     return isinstance(linear, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
+
+
+def parameter_count(param: torch.Tensor) -> int:
+    """How many values a parameter holds: a 4-bit weight packs two in a byte, and its quantization state
+    keeps the real shape."""
+    state = getattr(param, "quant_state", None)
+    return math.prod(state.shape) if state is not None else param.numel()

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from mmadapter.adapters.backbones.quantization import parameter_count
 from mmadapter.adapters.methods.base import adapter_config_of, trainable_parameters
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")
@@ -25,7 +26,7 @@ def parameter_group(name: str) -> str:
 def parameter_report(model: nn.Module, stage: str | None = None) -> dict[str, Any]:
     config = adapter_config_of(model)
     trainable = trainable_parameters(model, stage)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(parameter_count(p) for p in model.parameters())  # a 4-bit weight's real size, not its bytes
     count = sum(p.numel() for p in trainable.values())
     groups = Counter()
     for name, param in trainable.items():

@@ -23,6 +23,7 @@ from mmadapter.adapters.backbones.quantization import check_quantization, is_qua
 from mmadapter.adapters.methods.bias_scale import bias_scale_state
 from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompt
 from mmadapter.adapters.methods.lora import lora_layers
+from mmadapter.adapters.methods.report import parameter_report
 from mmadapter.core.quantization import Quantization
 from mmadapter.serve.loader import load_served_model, merge_for_serving
 from mmadapter.serve.sampling import SamplingParams
@@ -102,6 +103,8 @@ def test_only_the_linear_layers_are_quantized(bases, bits):
     assert all(p.dtype == torch.float32 for p in trainable_parameters(model).values())
     full, quantized = run(bases["qwen3", None]), run(bases["qwen3", bits])
     assert 0 < relative_error(quantized, full) < RELATIVE_ERROR[bits]  # quantized, and still the same model
+    full_report = parameter_report(attach_adapter(copy.deepcopy(bases["qwen3", None]), config_for("llama-adapter-v2")))
+    assert parameter_report(model) == full_report  # counts values, not the bytes of packed 4-bit weights
 
 
 @pytest.mark.parametrize("bits", BITS)
