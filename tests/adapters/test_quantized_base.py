@@ -177,30 +177,37 @@ def test_a_meta_layout_folder_is_refused_with_the_conversion_to_run(tmp_path):
         load_base_model(tmp_path, quantization=Quantization(bits=4))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("bits", BITS)
-def test_on_cuda_zero_init_is_exact_and_the_adapter_trains(folders, bits):
-    base = load_base_model(folders["qwen3"], device="cuda", quantization=Quantization(bits=bits))
+def zero_init_then_training(folder, device: str, bits: int) -> list[float]:
+    """V2 with everything on a quantized base on `device`: exact at zero-init, then five AdamW steps' losses."""
+    base = load_base_model(folder, device=device, quantization=Quantization(bits=bits))
     assert is_quantized_linear(base.model.layers[0].self_attn.q_proj)
-    model = attach_adapter(copy.deepcopy(base), config_for("llama-adapter-v2")).cuda()
-    ids, mask = (t.cuda() for t in left_padded())
+    model = attach_adapter(copy.deepcopy(base), config_for("llama-adapter-v2"))
+    ids, mask = (t.to(device) for t in left_padded())
     with torch.no_grad():
-        prompt = visual_prompt(model, pixels().cuda())
-        assert torch.equal(
-            model(ids, attention_mask=mask, adapter_visual_prompt=prompt).logits, base(ids, attention_mask=mask).logits
-        )
-    params = list(mark_trainable(model).values())
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
+        adapted = model(ids, attention_mask=mask, adapter_visual_prompt=visual_prompt(model, pixels().to(device)))
+        assert torch.equal(adapted.logits, base(ids, attention_mask=mask).logits)
+    optimizer = torch.optim.AdamW(list(mark_trainable(model).values()), lr=1e-2)
     model.train()
     losses = []
     for _ in range(5):
-        loss = model(
-            ids, attention_mask=mask, labels=ids, adapter_visual_prompt=visual_prompt(model, pixels().cuda())
-        ).loss
+        prompt = visual_prompt(model, pixels().to(device))
+        loss = model(ids, attention_mask=mask, labels=ids, adapter_visual_prompt=prompt).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+    return losses
+
+
+def test_on_the_cpu_zero_init_is_exact_and_the_adapter_trains(folders):
+    losses = zero_init_then_training(folders["qwen3"], "cpu", 4)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+def test_on_cuda_zero_init_is_exact_and_the_adapter_trains(folders, bits):
+    losses = zero_init_then_training(folders["qwen3"], "cuda", bits)
     assert losses[-1] < losses[0]
 
 
