@@ -42,7 +42,7 @@ from mmadapter.serve.api_settings import ServerSettings
 from mmadapter.serve.chat import TurnStarted
 from mmadapter.serve.generate import PromptTooLongError, TextDelta
 from mmadapter.serve.images import load_request_image
-from mmadapter.serve.loader import ServedModel
+from mmadapter.serve.loader import ServedModel, UnknownModelError
 from mmadapter.serve.openai_api import APIError, ResponseIds, chat_turn, invalid, models_list
 from mmadapter.serve.worker import Failed, GenerationWorker, QueueFullError, WorkerClosedError
 
@@ -64,13 +64,13 @@ class APIState:
 
     def __post_init__(self) -> None:
         worker = self.worker
-        self.metrics = APIMetrics(waiting=lambda: max(0, worker.pending - 1), running=lambda: min(1, worker.pending))
+        self.metrics = APIMetrics(waiting=lambda: worker.waiting, running=lambda: worker.running)
         # Threads that wait for job events: one per open connection at most (see api_jobs).
         self.event_threads = CapacityLimiter(self.settings.max_connections + 1)
 
     @property
     def model_ids(self) -> Sequence[str]:
-        return [self.served.name]
+        return self.served.model_ids()
 
 
 def generation_error(error: BaseException) -> APIError:
@@ -254,9 +254,10 @@ def _routes(app: FastAPI, state: APIState) -> None:
             metrics.requests.labels(str(status)).inc()
 
     async def _complete(body: ChatCompletionRequest, request: Request, arrived: float) -> Response:
-        if body.model not in state.model_ids:
-            message = f"the model {body.model!r} does not exist; this server serves {', '.join(state.model_ids)}"
-            raise APIError(404, message, param="model", code="model_not_found")
+        try:
+            served.variant(body.model)
+        except UnknownModelError as error:
+            raise APIError(404, str(error), param="model", code="model_not_found") from error
         policy = settings.image_policy
         turn = await run_in_threadpool(
             chat_turn, body, served, lambda url, param: load_request_image(url, param, policy)
@@ -265,6 +266,7 @@ def _routes(app: FastAPI, state: APIState) -> None:
             prompt = await run_in_threadpool(count_prompt_tokens, served, turn, settings.max_prompt_tokens)
         except PromptTooLongError as error:
             raise generation_error(error) from error
+        turn = dataclasses.replace(turn, prompt_ids=prompt)  # the worker need not tokenize again
         try:
             job = await run_in_threadpool(worker.submit, turn)
         except QueueFullError as error:

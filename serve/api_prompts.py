@@ -4,7 +4,8 @@ Tokenizing is CPU work that grows with the prompt: on the generation thread a 15
 client for 33 s (issue 13). The HTTP layer calls `count_prompt_tokens` on a threadpool thread instead, and a prompt
 far over the limit is refused after tokenizing only as much of it as proves that: the texts are counted piece by
 piece (cut before whitespace) and counting stops as soon as even a lower bound on the total exceeds the limit.
-Only a prompt that may fit is tokenized whole, exactly as generation will (`prompting.encode_chat`).
+Only a prompt that may fit is tokenized whole, exactly as generation will (`chat.prompt_ids`, with
+the template of the turn's adapter).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from collections.abc import Iterable, Iterator
 
 from transformers import PreTrainedTokenizerBase
 
-from mmadapter.serve.chat import ChatTurn
+from mmadapter.serve.chat import ChatTurn, prompt_ids
 from mmadapter.serve.generate import PromptTooLongError
 from mmadapter.serve.loader import ServedModel
-from mmadapter.serve.prompting import encode_chat
 
 #: Characters tokenized at a time while looking for a lower bound.
 PIECE_CHARS = 4096
@@ -52,10 +52,10 @@ def count_prompt_tokens(served: ServedModel, turn: ChatTurn, max_prompt_tokens: 
     answer in the model's context. Pure CPU work on the tokenizer: call it off the event loop."""
     context = served.engine.context_length
     limit = min(context - 1, max_prompt_tokens or context)
-    texts = [turn.message, *(text for exchange in turn.history for text in exchange)]
+    texts = [turn.system, turn.message, *(text for exchange in turn.history for text in exchange)]
     if (bound := tokens_at_least(served.tokenizer, texts, limit)) > limit:
         raise PromptTooLongError(f"the prompt has more than {bound} tokens; {_accepts(limit, context)}")
-    ids = encode_chat(served.tokenizer, served.model.config.model_type, served.template, turn.message, turn.history)
+    ids = prompt_ids(served, turn)
     if len(ids) > limit:
         raise PromptTooLongError(f"the prompt has {len(ids)} tokens; {_accepts(limit, context)}")
     return ids

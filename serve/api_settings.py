@@ -16,6 +16,8 @@ class ServerSettings:
     allow_remote_images: bool = False
     max_queue: int = 16
     """Requests that may wait while others generate; more are answered 429 with Retry-After."""
+    max_batch: int = 16
+    """Requests decoded together (the worker's running batch; 1 = one at a time)."""
     max_body_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_prompt_tokens: int | None = None
@@ -30,7 +32,7 @@ class ServerSettings:
     """Seconds an idle keep-alive connection stays open."""
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_image_pixels", "max_connections"):
+        for name in ("max_body_bytes", "max_image_pixels", "max_connections", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_queue < 0:

@@ -48,7 +48,7 @@ class APIServer:
     def __init__(self, served: ServedModel, settings: ServerSettings, worker: GenerationWorker | None = None) -> None:
         self.served = served
         self.settings = settings
-        self.worker = worker or GenerationWorker(served, settings.max_queue)
+        self.worker = worker or GenerationWorker(served, settings.max_queue, max_batch=settings.max_batch)
         self.app = create_app(APIState(served, self.worker, settings))
         protocol = functools.partial(
             GuardedH11Protocol, header_timeout=settings.header_timeout, max_connections=settings.max_connections

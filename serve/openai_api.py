@@ -105,11 +105,25 @@ def _parse_message(message: ChatMessage, index: int) -> _Message:
     return _Message("system" if message.role == "developer" else message.role, "\n".join(texts), images)
 
 
-def conversation(messages: Sequence[ChatMessage]) -> tuple[str, list[tuple[str, str]], list[tuple[str, str]]]:
-    """OpenAI messages -> (new user message, finished (user, assistant) exchanges, images as (url, param)).
+@dataclasses.dataclass
+class Conversation:
+    """OpenAI messages as a chat turn takes them."""
 
-    System messages are put before the first user message (the templates have no system slot);
-    consecutive messages of one role are joined; the last message must be the user's.
+    message: str
+    """The new user message."""
+    history: list[tuple[str, str]]
+    """The finished (user, assistant) exchanges before it."""
+    images: list[tuple[str, str]]
+    """Every image as (url, param)."""
+    system: str = ""
+    """The system and developer messages, joined (the template decides where they go)."""
+
+
+def conversation(messages: Sequence[ChatMessage]) -> Conversation:
+    """OpenAI messages -> the new user message, the exchanges before it, the images and the system text.
+
+    Consecutive messages of one role are joined; the last message must be the user's; a conversation that starts
+    with the assistant gets an empty user message before it.
     """
     parsed = [_parse_message(message, index) for index, message in enumerate(messages)]
     system = "\n\n".join(m.text for m in parsed if m.role == "system" and m.text)
@@ -124,25 +138,33 @@ def conversation(messages: Sequence[ChatMessage]) -> tuple[str, list[tuple[str, 
         raise invalid("the last message must come from the user", "messages")
     if turns[0].role == "assistant":
         turns.insert(0, _Message("user", "", []))
-    if system:
-        turns[0].text = f"{system}\n\n{turns[0].text}" if turns[0].text else system
     history = [(turns[i].text, turns[i + 1].text) for i in range(0, len(turns) - 1, 2)]
     images = [image for turn in turns for image in turn.images]
-    return turns[-1].text, history, images
+    return Conversation(turns[-1].text, history, images, system)
 
 
 def chat_turn(request: ChatCompletionRequest, served: ServedModel, load_image: ImageLoader) -> ChatTurn:
     """The chat turn a checked request asks for (decodes its image: run it off the event loop)."""
-    message, history, images = conversation(request.messages)
-    if len(images) > 1:
-        raise invalid("this model takes one image per conversation", images[1][1])
-    if images and not served.takes_images:
-        raise invalid(f"the model {served.name!r} does not take images", images[0][1], code="image_not_supported")
-    if not message and not images:
+    chat = conversation(request.messages)
+    variant = served.variant(request.model)
+    if len(chat.images) > 1:
+        raise invalid("this model takes one image per conversation", chat.images[1][1])
+    if chat.images and not variant.takes_images:
+        raise invalid(f"the model {variant.name!r} does not take images", chat.images[0][1], code="image_not_supported")
+    if not chat.message and not chat.images:
         raise invalid("the last user message is empty", "messages")
-    params = sampling_params(request, served.defaults)
-    image = load_image(*images[0]) if images else None
-    return ChatTurn(message, history, image, params)
+    scale = 1.0 if request.adapter_scale is None else request.adapter_scale
+    if scale != 1.0 and variant.route is None and variant.method is not None:
+        message = (
+            f"the model {variant.name!r} is served merged into the base weights, so only adapter_scale 1 is possible "
+            "(the operator serves it with --adapter NAME=PATH, without --merge, to allow other values)"
+        )
+        raise invalid(message, "adapter_scale")
+    params = sampling_params(request, variant.defaults)
+    image = load_image(*chat.images[0]) if chat.images else None
+    return ChatTurn(
+        chat.message, chat.history, image, params, adapter=request.model, adapter_scale=scale, system=chat.system
+    )
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ def request(messages=None, **fields) -> ChatCompletionRequest:
 
 
 def test_messages_become_history_and_the_new_question():
-    message, history, images = conversation(
+    chat = conversation(
         request(
             [
                 {"role": "system", "content": "Answer briefly."},
@@ -36,16 +36,23 @@ def test_messages_become_history_and_the_new_question():
             ]
         ).messages
     )
-    assert message == "what colour\none word"
-    assert history == [("Answer briefly.\n\nwhat shape", "a circle")]
-    assert images == [("data:x", "messages[1].content[1].image_url")]
+    assert chat.message == "what colour\none word"
+    assert chat.history == [("what shape", "a circle")]
+    assert chat.system == "Answer briefly."  # the template puts it (official ones: before the first question)
+    assert chat.images == [("data:x", "messages[1].content[1].image_url")]
 
 
-def test_system_only_prefix_and_assistant_first():
-    messages = [{"role": "developer", "content": "Be kind."}, {"role": "user", "content": "hi"}]
-    assert conversation(request(messages).messages)[:2] == ("Be kind.\n\nhi", [])
+def test_developer_is_system_and_assistant_first():
+    messages = [
+        {"role": "developer", "content": "Be kind."},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+    ]
+    chat = conversation(request(messages).messages)
+    assert (chat.message, chat.history, chat.system) == ("hi", [], "Be kind.\n\nBe brief.")
     messages = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "hi"}]
-    assert conversation(request(messages).messages)[:2] == ("hi", [("", "Hello!")])
+    chat = conversation(request(messages).messages)
+    assert (chat.message, chat.history, chat.system) == ("hi", [("", "Hello!")], "")
 
 
 def test_an_image_in_an_assistant_message_names_the_part():

@@ -230,7 +230,7 @@ def test_api_key_is_enforced_and_never_logged(start_server, caplog):
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_disconnects_mid_answer_frees_the_model(served, start_server, stream):
-    server = start_server(max_queue=0)
+    server = start_server(max_queue=0, max_batch=1)  # one request at a time: a second one is refused
     forwards = []
 
     def slow_forward(*args):  # ~20 ms per token: a whole answer would take seconds

@@ -101,7 +101,9 @@ def test_serve_command_runs_a_server_that_checks_the_key_and_never_logs_it(
         assert _get(f"{url}/v1/models", key) == 200
         body = b'{"model": "v1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}'
         request = urllib.request.Request(
-            f"{url}/v1/chat/completions", data=body, headers={"Authorization": f"Bearer {key}"}
+            f"{url}/v1/chat/completions",
+            data=body,
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 200
@@ -109,5 +111,5 @@ def test_serve_command_runs_a_server_that_checks_the_key_and_never_logs_it(
         process.send_signal(signal.SIGTERM)  # stops cleanly, like Ctrl-C
         out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
-    assert '"POST /v1/chat/completions HTTP/1.1" 200' in err  # the access log is on
+    assert '"POST /v1/chat/completions" 200' in err  # the access log is on
     assert key not in out and key not in err
