@@ -20,9 +20,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}})
+    retry = "Retry-After: 1\r\n" if status == 503 else ""
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
+        f"{retry}Connection: close\r\n\r\n"
     )
     return head.encode() + body.encode()
 

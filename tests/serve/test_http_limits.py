@@ -117,12 +117,12 @@ def _bytes(data: bytes) -> list[bytes]:
 
 
 def test_a_client_sending_its_headers_byte_by_byte_is_cut_off(start_server):
-    """Slowloris: one byte every 0.25 s (the issue's client sent one per second and held a connection 75 s+)."""
-    server = start_server(header_timeout=1.0)
+    """Slowloris: one byte per second (the issue's client held a connection for 75 s+ that way)."""
+    server = start_server(header_timeout=1.5)
     request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
-    answer, elapsed = _trickle(server, b"", _bytes(request), 0.25)
+    answer, elapsed = _trickle(server, b"", _bytes(request), 1.0)
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
-    assert elapsed < 3.0  # cut at the deadline, long before the 55 s the whole request would take
+    assert elapsed < 3.5  # cut at the deadline, long before the 4 minutes the whole request would take
     assert raw_request(server, "GET", "/health")[1]["status"] == "ok"
 
 
@@ -161,15 +161,17 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_arrives(start_server)
 
 
 def test_connections_beyond_the_cap_are_refused_and_the_server_recovers(start_server):
-    server = start_server(max_connections=3)
-    idle = [socket.create_connection(server.server_address) for _ in range(3)]
+    server = start_server(max_connections=40)
+    threads = threading.active_count()
+    idle = [socket.create_connection(server.server_address) for _ in range(40)]
     deadline = time.monotonic() + 5
-    while server.active_connections < 3 and time.monotonic() < deadline:
+    while server.active_connections < 40 and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert threading.active_count() == threads  # open connections cost no threads (was one each)
     extra = socket.create_connection(server.server_address, timeout=10)
     answer = b"".join(iter(lambda: extra.recv(4096), b""))
     extra.close()
-    assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer
+    assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer and b"Retry-After: 1" in answer
     for sock in idle:
         sock.close()
     while server.active_connections and time.monotonic() < deadline:
@@ -240,7 +242,7 @@ def test_32_clients_against_max_queue_8_all_complete_or_get_429(served, start_se
     server = start_server(max_queue=8)
     results: list[tuple[int, str | None]] = []
     errors: list[BaseException] = []
-    handle = served.model.register_forward_pre_hook(lambda *args: time.sleep(0.003))  # a busy model
+    handle = served.model.register_forward_pre_hook(lambda *args: time.sleep(0.01))  # a busy model
 
     def call() -> None:
         try:
@@ -268,6 +270,7 @@ def test_32_clients_against_max_queue_8_all_complete_or_get_429(served, start_se
     statuses = [status for status, _ in results]
     assert len(statuses) == 32 and set(statuses) <= {200, 429}, statuses
     assert statuses.count(200) >= 9  # what is running plus eight waiting always fit
+    assert 429 in statuses  # and the rest was refused at once (measured: 24 answered, a batch of 16 + 8, 8 refused)
     assert all(retry == "1" for status, retry in results if status == 429)
     health = raw_request(server, "GET", "/health")[1]
     assert health["status"] == "ok" and health["pending"] == 0
