@@ -328,3 +328,47 @@ def test_a_long_prompt_prefills_in_chunks_while_streams_keep_flowing(engine):
         assert running.text.generated == before + step + 1  # one token per step during the long prefill
         assert long.text.generated == (0 if step < chunks - 1 else 2)  # first token after its last chunk
     assert chunks >= 5
+
+
+def test_pictures_per_row_with_a_routed_multimodal_adapter(folders, tmp_path):
+    """Rows of a V2 multimodal adapter carry their own picture (or none) next to a text adapter's rows."""
+    from PIL import Image
+
+    from mmadapter.serve.chat import visual_prompt_for
+
+    base, saved = folders
+    model = build_tiny_llama()
+    vision = {"clip_model": "mmadapter-tiny-vit", "visual_width": 32, "visual_depth": 1, "visual_heads": 2}
+    attach_adapter(model, make_config("llama-adapter-v2", prompt_length=3, **vision))
+    perturb_adapter(model)
+    with torch.no_grad():  # wide-open gates, so the picture matters
+        for name, param in model.named_parameters():
+            if name.endswith("adapter_gate"):
+                param.fill_(3.0)
+    folder = save_adapter(model, tmp_path / "vis", prompt_template="alpaca")
+    served = load_served_models(base, {"vis": folder, "v1": saved["v1"]}, device="cpu")
+    alone = load_served_model(base, folder, device="cpu", merge=False)
+    generator = torch.Generator().manual_seed(0)
+    pictures = [
+        Image.fromarray(torch.randint(0, 255, (32, 32, 3), generator=generator, dtype=torch.uint8).numpy())
+        for _ in range(2)
+    ]
+    ids = served.engine.encode(PROMPTS[0])
+    prompts = [visual_prompt_for(served.variant("vis"), picture) for picture in [*pictures, None]]
+    requests = [GenerationRequest(ids, GREEDY, "vis", visual_prompt=prompt) for prompt in prompts]
+    batched = run(served.engine, [*requests, GenerationRequest(ids, GREEDY, "v1")])
+    expected = []  # (tokens, logits) of the adapter alone with each picture
+    for picture in [*pictures, None]:
+        prompt = visual_prompt_for(alone.variant(None), picture)
+        inputs = {} if prompt is None else {"adapter_visual_prompt": prompt}
+        with torch.no_grad():
+            logits = alone.model(torch.tensor([ids]), **inputs).logits[0]
+        expected.append((alone.engine.generate([ids], GREEDY, inputs)[0].token_ids, logits))
+    assert batched[:3] == [tokens for tokens, _ in expected]
+    # Logits of the three rows in one routed forward, each against the adapter alone with its own picture.
+    routing = RowRouting.build(["vis", "vis", "vis", "v1"], [1.0] * 4, torch.device("cpu"), [*prompts, None])
+    with torch.no_grad(), routed(routing):
+        logits = served.model(torch.tensor([ids] * 4)).logits
+    for row, (_, reference) in enumerate(expected):
+        torch.testing.assert_close(logits[row], reference, atol=1e-5, rtol=1e-5)
+    assert (expected[0][1] - expected[1][1]).abs().max() > 1e-3  # the two pictures do change the logits
