@@ -33,7 +33,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mmadapter.adapters.methods.bias_scale import bias_scale_state
-from mmadapter.adapters.methods.strength import strength
+from mmadapter.adapters.methods.strength import current_strength, strength
 
 #: Attribute on a base module: adapter name -> the shell's version of that module.
 ROUTES_ATTRIBUTE = "adapter_routes"
@@ -156,6 +156,9 @@ def install_routes(base: nn.Module, name: str, shell: nn.Module) -> list[str]:
             _routes(module, PROMPT_ROUTES_ATTRIBUTE)[name] = other
         if _changed(module, other):
             _routes(module, ROUTES_ATTRIBUTE)[name] = other
+            for layer in other.modules():
+                if isinstance(layer, LoraLayer) and not isinstance(layer.scaling, _ScalingAtStrength):
+                    layer.scaling = _ScalingAtStrength(layer.scaling)
             if getattr(module, "_mmadapter_routed", False) is False:
                 module.forward = _routing_forward(module, module.forward)
                 module._mmadapter_routed = True
@@ -204,7 +207,7 @@ def _routing_forward(module: nn.Module, original: Callable) -> Callable:
 def _run_shell(base: nn.Module, shell: nn.Module, value: float, x: torch.Tensor, args: tuple, kwargs: dict):
     if value == 1.0:
         return shell(x, *args, **kwargs)
-    with strength(value), _lora_strength(shell, value):
+    with strength(value):
         if isinstance(shell, LoraLayer) or bias_scale_state(shell) is not None:
             return shell(x, *args, **kwargs)
         # A module whose own parameters the adapter trained (a norm): p0 + r (p - p0).
@@ -216,16 +219,12 @@ def _run_shell(base: nn.Module, shell: nn.Module, value: float, x: torch.Tensor,
         return functional_call(shell, blended, (x, *args), kwargs)
 
 
-@contextlib.contextmanager
-def _lora_strength(module: nn.Module, value: float) -> Iterator[None]:
-    """peft's per-adapter `scaling` times `value` while the block runs (the generation thread is the only user)."""
-    if not isinstance(module, LoraLayer):
-        yield
-        return
-    saved = dict(module.scaling)
-    try:
-        for key in saved:
-            module.scaling[key] = saved[key] * value
-        yield
-    finally:
-        module.scaling.update(saved)
+class _ScalingAtStrength(dict):
+    """peft's per-adapter LoRA `scaling` (alpha / r) as the layer reads it: times the current strength.
+
+    A view rather than a temporary change of the numbers, so generation on another thread never sees them."""
+
+    def __getitem__(self, key: str) -> float:
+        value = super().__getitem__(key)
+        factor = current_strength()
+        return value if factor == 1.0 else value * factor
