@@ -10,7 +10,9 @@ token for token (tests/serve/test_generate.py).
 Adapter work happens once per request, not per token: LLaMA-Adapter prompt keys/values are
 cached by `mmadapter.adapters.methods.prompt_attention` while autograd is off, a visual prompt is
 computed by the caller once and passed unchanged to every step, and V2 bias/scale and LoRA are
-merged into the weights by the loader (`mmadapter.serve.loader`).
+merged into the weights by the loader (`mmadapter.serve.loader`) or, for adapters routed per row,
+applied by `mmadapter.adapters.methods.routing`. Requests that arrive at different times share
+decoding steps through `mmadapter.serve.batching`, which uses this engine's samplers and text rows.
 """
 
 from __future__ import annotations
