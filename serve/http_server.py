@@ -109,8 +109,10 @@ class APIServer:
         client that does not read) are cancelled.
         """
         deadline = time.monotonic() + timeout
-        self._uvicorn.should_exit = True
+        # The worker first: its last event (503 / shutting_down) reaches every open stream before uvicorn starts
+        # closing connections; the other order could cut a stream before that event was written.
         self.worker.close(max(0.0, deadline - time.monotonic()))
+        self._uvicorn.should_exit = True
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
