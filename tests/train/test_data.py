@@ -229,7 +229,7 @@ def test_generation_prompts_are_the_training_encoding_without_the_last_reply(tin
     assert trained == prompt + answer + [tiny_tokenizer.eos_token_id]
     assert prompt.count(tiny_tokenizer.eos_token_id) == 1
     source = DataSource(format="conversation", path="chat.json")
-    assert _prompt_and_reference(example, tiny_tokenizer, DataSection(), source) == (prompt, "large")
+    assert _prompt_and_reference(example, tiny_tokenizer, DataSection(), source, template) == (prompt, "large")
     single = Example(source="a.json[0]", turns=(("name a colour", "red"),), input="one word")
     trained = encode(single, tiny_tokenizer, template, max_length=4096, caption_instruction="").input_ids
     assert trained[: -len(tiny_tokenizer.encode("red", add_special_tokens=False)) - 1] == encode_prompt(
