@@ -126,7 +126,10 @@ def test_sigterm_mid_generation_exits_0_and_tells_the_client(tiny_llama, tiny_to
     finally:
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=60)
-    rest = answer.read()
+    try:
+        rest = answer.read()
+    except http.client.IncompleteRead as cut:  # the event arrived, the closing empty chunk did not
+        rest = cut.partial
     assert process.returncode == 0, err
     assert "terminate called" not in err
     assert b'"code": "shutting_down"' in rest and b"[DONE]" not in rest
