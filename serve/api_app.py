@@ -44,7 +44,7 @@ from mmadapter.serve.generate import PromptTooLongError, TextDelta
 from mmadapter.serve.images import load_request_image
 from mmadapter.serve.loader import ServedModel, UnknownModelError
 from mmadapter.serve.openai_api import APIError, ResponseIds, chat_turn, invalid, models_list
-from mmadapter.serve.worker import Failed, GenerationWorker, QueueFullError, WorkerClosedError
+from mmadapter.serve.worker import Event, Failed, GenerationWorker, QueueFullError, WorkerClosedError
 
 logger = logging.getLogger("mmadapter.serve")
 
@@ -159,7 +159,10 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 
 class _Answer:
-    """One chat completion being answered: turns job events into the response and counts them in the metrics."""
+    """One chat completion being answered: turns job events into the response and counts them in the metrics.
+
+    Events come in batches (`JobEvents.next_batch`); a batch's text goes out as one chunk.
+    """
 
     def __init__(self, state: APIState, events: JobEvents, model: str, arrived: float, prompt_tokens: int) -> None:
         self.metrics = state.metrics
@@ -168,6 +171,26 @@ class _Answer:
         self.arrived = arrived
         self.prompt_tokens = prompt_tokens
         self.generated = 0
+        self._unread: list[Event] = []
+
+    async def first_event(self) -> Event | None:
+        """The job's first event (`TurnStarted` or `Failed`); `None` if it ended without one."""
+        batch = await self.events.next_batch()
+        self._unread = batch[1:]
+        return batch[0] if batch else None
+
+    async def _batches(self) -> AsyncIterator[list[Event]]:
+        if self._unread:
+            yield self._unread
+        while batch := await self.events.next_batch():
+            yield batch
+
+    def _text_of(self, batch: list[Event]) -> tuple[str, str | None]:
+        """The batch's text and finish reason, counted in the metrics."""
+        deltas = [event for event in batch if isinstance(event, TextDelta)]
+        if deltas:
+            self._count(deltas[-1])
+        return "".join(delta.text for delta in deltas), next((d.finish_reason for d in deltas if d.finish_reason), None)
 
     def _count(self, delta: TextDelta) -> None:
         if self.generated == 0 and delta.completion_tokens > 0:
@@ -177,33 +200,35 @@ class _Answer:
 
     async def whole(self) -> dict[str, Any]:
         text, finish_reason = [], "stop"
-        while (event := await self.events.next()) is not None:
-            if isinstance(event, Failed):
-                raise generation_error(event.error)
-            if isinstance(event, TextDelta):
-                self._count(event)
-                text.append(event.text)
-                finish_reason = event.finish_reason or finish_reason
+        async for batch in self._batches():
+            piece, finish = self._text_of(batch)
+            if failed := _failure(batch):
+                raise generation_error(failed.error)
+            text.append(piece)
+            finish_reason = finish or finish_reason
         return self.ids.completion("".join(text), finish_reason, self.prompt_tokens, self.generated)
 
     async def stream(self, include_usage: bool) -> AsyncIterator[bytes]:
         try:
             yield _sse(self.ids.chunk(Delta(role="assistant", content="")))
-            while (event := await self.events.next()) is not None:
-                if isinstance(event, Failed):
-                    yield _sse(generation_error(event.error).body())
+            async for batch in self._batches():
+                piece, finish = self._text_of(batch)
+                if piece:
+                    yield _sse(self.ids.chunk(Delta(content=piece)))
+                if failed := _failure(batch):
+                    yield _sse(generation_error(failed.error).body())
                     return
-                if isinstance(event, TextDelta):
-                    self._count(event)
-                    if event.text:
-                        yield _sse(self.ids.chunk(Delta(content=event.text)))
-                    if event.finish_reason:
-                        yield _sse(self.ids.chunk(Delta(), event.finish_reason))
+                if finish:
+                    yield _sse(self.ids.chunk(Delta(), finish))
             if include_usage:
                 yield _sse(self.ids.usage_chunk(self.prompt_tokens, self.generated))
             yield _sse("[DONE]")
         finally:
             self.events.close()
+
+
+def _failure(batch: list[Event]) -> Failed | None:
+    return next((event for event in batch if isinstance(event, Failed)), None)
 
 
 def _routes(app: FastAPI, state: APIState) -> None:
@@ -278,7 +303,7 @@ def _routes(app: FastAPI, state: APIState) -> None:
         answer = _Answer(state, events, body.model, arrived, len(prompt))
         try:
             async with cancel_on_disconnect(request.receive, job):
-                first = await events.next()
+                first = await answer.first_event()
                 if isinstance(first, Failed):
                     raise generation_error(first.error)
                 if not isinstance(first, TurnStarted):  # the client left while its request waited

@@ -23,15 +23,28 @@ POLL_SECONDS = 0.1
 
 
 class JobEvents:
-    """Await the events of `job`; `None` once it has ended."""
+    """Await the events of `job` in batches: everything the worker has produced so far, `[]` once it has ended.
+
+    One thread hop per batch, not per token: a stream that falls behind the generation thread catches up in one
+    write, so its last event (the end, or `shutting_down`) is never stuck behind a backlog of tokens.
+    """
 
     def __init__(self, job: Job, limiter: CapacityLimiter) -> None:
         self.job = job
         self._limiter = limiter
         self._iterator = job.events(POLL_SECONDS, client_alive=lambda: not job.cancelled)
 
-    async def next(self) -> Event | None:
-        return await anyio.to_thread.run_sync(next, self._iterator, None, abandon_on_cancel=True, limiter=self._limiter)
+    async def next_batch(self) -> list[Event]:
+        return await anyio.to_thread.run_sync(self._take_ready, abandon_on_cancel=True, limiter=self._limiter)
+
+    def _take_ready(self) -> list[Event]:
+        """Block for one event, then take the ones already waiting."""
+        batch = []
+        for event in self._iterator:
+            batch.append(event)
+            if not self.job.has_waiting_events:
+                break
+        return batch
 
     def close(self) -> None:
         self.job.cancel()

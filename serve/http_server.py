@@ -43,7 +43,7 @@ class APIServer:
     """Serves one `ServedModel`; `worker` may be shared with the web UI (it is closed with the server)."""
 
     #: Seconds `close()` lets requests in flight finish their last response before their tasks are cancelled.
-    close_grace = 1.0
+    close_grace = 2.0
 
     def __init__(self, served: ServedModel, settings: ServerSettings, worker: GenerationWorker | None = None) -> None:
         self.served = served

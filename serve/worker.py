@@ -68,6 +68,11 @@ class Job:
     def put(self, event: object) -> None:
         self._events.put(event)
 
+    @property
+    def has_waiting_events(self) -> bool:
+        """Whether `events()` would yield (or end) without blocking."""
+        return not self._events.empty()
+
     def events(self, poll_seconds: float = 0.25, client_alive: Callable[[], bool] | None = None) -> Iterator[Event]:
         """Events until the job ends. Every `poll_seconds` (whether or not tokens arrive) `client_alive()`
         is asked; when it says False the job is cancelled and iteration stops. Leaving early cancels too."""
