@@ -20,6 +20,7 @@ Image paths resolve inside the source's image folder (symlinks followed): a data
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -172,55 +173,61 @@ def _parse_rows(
             yield BadSample(location, str(error))
 
 
-def read_alpaca(path: Path, images: ImageRoot, options: dict[str, Any], limit: int | None = None):
-    def parse(location: str, row: dict[str, Any]) -> Example:
-        instruction, output = _text(row, "instruction"), _text(row, "output")
-        system = _text(row, "system", required=False)
-        return Example(location, ((instruction, output),), input=_text(row, "input", required=False), system=system)
+def parse_alpaca(location: str, row: dict[str, Any], images: ImageRoot) -> Example:
+    """One alpaca row; raises DataError naming what is wrong."""
+    instruction, output = _text(row, "instruction"), _text(row, "output")
+    system = _text(row, "system", required=False)
+    return Example(location, ((instruction, output),), input=_text(row, "input", required=False), system=system)
 
-    return _parse_rows(path, parse, limit)
+
+def read_alpaca(path: Path, images: ImageRoot, options: dict[str, Any], limit: int | None = None):
+    return _parse_rows(path, functools.partial(parse_alpaca, images=images), limit)
 
 
 def read_conversation(path: Path, images: ImageRoot, options: dict[str, Any], limit: int | None = None):
-    def parse(location: str, row: dict[str, Any]) -> Example:
-        messages = row.get("conversations")
-        if not isinstance(messages, list) or not messages:
-            raise DataError("missing field 'conversations' (a list of {from, value} messages)")
-        turns, pending, system = [], None, ""
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise DataError(f"conversations[{i}]: expected an object, got {type(message).__name__}")
-            role = _text(message, "from")
-            value = _text(message, "value").replace(IMAGE_TOKEN, "").strip()
-            if i == 0 and role == SYSTEM_ROLE:
-                system = value
-            elif pending is None and role in USER_ROLES:
-                pending = value
-            elif pending is not None and role in ASSISTANT_ROLES:
-                turns.append((pending, value))
-                pending = None
-            else:
-                expected = "human" if pending is None else "gpt"
-                only_first = " (a system message comes first or not at all)" if role == SYSTEM_ROLE else ""
-                raise DataError(f"conversations[{i}]: expected a {expected!r} message, got {role!r}{only_first}")
-        if pending is not None:
-            raise DataError("conversation ends with a human message (no reply to train on)")
-        mentions_image = any(IMAGE_TOKEN in str(m.get("value", "")) for m in messages)
-        image = row.get("image")
-        if mentions_image and image is None:
-            raise DataError(f"a message contains {IMAGE_TOKEN} but the row has no 'image' field")
-        image_path = images.resolve(_text(row, "image")) if image else None
-        return Example(location, tuple(turns), image=image_path, system=system)
+    return _parse_rows(path, functools.partial(parse_conversation, images=images), limit)
 
-    return _parse_rows(path, parse, limit)
+
+def parse_conversation(location: str, row: dict[str, Any], images: ImageRoot) -> Example:
+    """One LLaVA-style conversation row; raises DataError naming what is wrong."""
+    messages = row.get("conversations")
+    if not isinstance(messages, list) or not messages:
+        raise DataError("missing field 'conversations' (a list of {from, value} messages)")
+    turns, pending, system = [], None, ""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"conversations[{i}]: expected an object, got {type(message).__name__}")
+        role = _text(message, "from")
+        value = _text(message, "value").replace(IMAGE_TOKEN, "").strip()
+        if i == 0 and role == SYSTEM_ROLE:
+            system = value
+        elif pending is None and role in USER_ROLES:
+            pending = value
+        elif pending is not None and role in ASSISTANT_ROLES:
+            turns.append((pending, value))
+            pending = None
+        else:
+            expected = "human" if pending is None else "gpt"
+            only_first = " (a system message comes first or not at all)" if role == SYSTEM_ROLE else ""
+            raise DataError(f"conversations[{i}]: expected a {expected!r} message, got {role!r}{only_first}")
+    if pending is not None:
+        raise DataError("conversation ends with a human message (no reply to train on)")
+    mentions_image = any(IMAGE_TOKEN in str(m.get("value", "")) for m in messages)
+    image = row.get("image")
+    if mentions_image and image is None:
+        raise DataError(f"a message contains {IMAGE_TOKEN} but the row has no 'image' field")
+    image_path = images.resolve(_text(row, "image")) if image else None
+    return Example(location, tuple(turns), image=image_path, system=system)
+
+
+def parse_caption(location: str, row: dict[str, Any], images: ImageRoot) -> Example:
+    """One {image, caption} row; raises DataError naming what is wrong."""
+    caption = _text(row, "caption")
+    return Example(location, (("", caption),), image=images.resolve(_text(row, "image")), caption=True)
 
 
 def read_caption_jsonl(path: Path, images: ImageRoot, options: dict[str, Any], limit: int | None = None):
-    def parse(location: str, row: dict[str, Any]) -> Example:
-        caption = _text(row, "caption")
-        return Example(location, (("", caption),), image=images.resolve(_text(row, "image")), caption=True)
-
-    return _parse_rows(path, parse, limit)
+    return _parse_rows(path, functools.partial(parse_caption, images=images), limit)
 
 
 def read_coco_captions(
@@ -288,6 +295,14 @@ def _chatglm_row(path: Path, number: int, line: str, config: ChatGLMDataConfig) 
     except (ValueError, RecursionError) as error:  # from json.loads: an integer over Python's digit limit, nesting
         return BadSample(f"{path}:{number}", f"invalid JSON ({error})")
 
+
+#: The row parsers of the formats whose files hold one example per row (location, row, images) -> Example;
+#: also what reads those formats from Parquet (train/streaming.py).
+ROW_PARSERS: dict[str, Callable[[str, dict[str, Any], ImageRoot], Example]] = {
+    "alpaca": parse_alpaca,
+    "conversation": parse_conversation,
+    "caption-jsonl": parse_caption,
+}
 
 READERS: dict[str, Callable[..., Iterator[Example | BadSample]]] = {
     "alpaca": read_alpaca,
