@@ -43,6 +43,7 @@ from mmadapter.train.resume import ResumeState, resume_from, save_training_state
 from mmadapter.train.setup import StageSetup, build_model, check_input_paths, make_accelerator, setup_stage
 from mmadapter.train.state import Progress, Run, TrainingStopped, TrainResult
 from mmadapter.train.step import StepStats, accumulate_gradients, check_step, step_batches
+from mmadapter.train.streaming import StreamedDataset, stream_steps
 from mmadapter.train.summary import Window, log, run_summary, save_outputs, stage_summary
 
 __all__ = ["TrainResult", "TrainingStopped", "train"]
@@ -132,7 +133,8 @@ def run_steps(run: Run, stage: StageSection, setup: StageSetup, progress: Progre
     with tqdm(
         total=total, initial=progress.step, desc=stage.name, disable=not accelerator.is_local_main_process
     ) as bar:
-        steps = step_batches(
+        batch_steps = stream_steps if isinstance(setup.dataset, StreamedDataset) else step_batches
+        steps = batch_steps(
             setup.dataset, setup.collate, stage, progress, accelerator.num_processes, accelerator.process_index
         )
         window = Window()

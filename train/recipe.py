@@ -93,6 +93,14 @@ class DataSection:
     max_bad_fraction: Float = 0.05
     """With skip: stop when more than this fraction of a data file's samples is bad."""
     num_workers: Int = 0
+    """DataLoader worker processes: they decode images, and in a streamed stage also tokenize; 0 does it all
+    in the training process."""
+    streaming: Bool = False
+    """Read the training sources while training runs, tokenizing on the fly, instead of all before the first
+    step: for data that does not fit in memory. A source's path may then be a folder of shards or a glob
+    (*.jsonl, *.json, *.parquet). Needs train.max_steps. See "Streaming data" in data-formats.md."""
+    shuffle_window: Int = 10000
+    """Streaming: usable rows shuffled together (in stream order otherwise); memory holds one window."""
     clip_cache: str | None = None
     """Folder of the CLIP feature cache (V2); None computes CLIP features on the fly."""
 
@@ -307,6 +315,8 @@ def _validate(recipe: Recipe, implicit_stage: bool) -> None:
         train, data = stage.train, stage.data
         if not data.train:
             raise ValueError(f"{key}data.train: no training data (a list of {{format, path}} sources)")
+        if data.streaming:
+            _check_streaming(key, train, data)
         if train.epochs is None and train.max_steps is None:
             raise ValueError(f"{key}train: set epochs or max_steps")
         if train.lr is None and train.base_lr is None:
@@ -326,6 +336,21 @@ def _validate(recipe: Recipe, implicit_stage: bool) -> None:
             raise ValueError(f"{key}data.max_bad_fraction: must be in [0, 1], got {data.max_bad_fraction}")
         if data.max_length < 2:
             raise ValueError(f"{key}data.max_length: must be at least 2, got {data.max_length}")
+
+
+def _check_streaming(key: str, train: TrainSection, data: DataSection) -> None:
+    """A streamed stage has no length up front: what needs one is refused, naming the key."""
+    streamed = "a streamed stage (data.streaming: true) has no length up front"
+    if train.max_steps is None:
+        raise ValueError(f"{key}train.max_steps: {streamed}; set train.max_steps (epochs cannot be counted)")
+    if train.warmup_steps is None and train.warmup_epochs:
+        raise ValueError(f"{key}train.warmup_epochs: {streamed}; set train.warmup_steps instead")
+    if data.eval_from_train:
+        raise ValueError(f"{key}data.eval_from_train: {streamed}; give evaluation files in data.eval instead")
+    if data.clip_cache is not None:
+        raise ValueError(f"{key}data.clip_cache: the CLIP feature cache needs every image up front; set it to null")
+    if data.shuffle_window < 1:
+        raise ValueError(f"{key}data.shuffle_window: must be at least 1, got {data.shuffle_window}")
 
 
 def _check_top_level_keys(document: dict[str, Any]) -> None:

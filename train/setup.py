@@ -50,6 +50,7 @@ from mmadapter.train.resume import ResumeState, restore_training_state
 from mmadapter.train.schedule import make_scheduler
 from mmadapter.train.state import Run
 from mmadapter.train.step import BackwardPerKind, OneBackward, backward_for
+from mmadapter.train.streaming import StreamedDataset, load_streamed_data, source_shards
 
 # ---------------------------------------------------------------- a run
 
@@ -146,7 +147,13 @@ def check_data_paths(recipe: Recipe) -> None:
         sources += [("eval", j, s) for j, s in enumerate(stage.data.eval)]
         for split, j, source in sources:
             key = f"{prefix}data.{split}.{j}.path"
-            if not Path(source.path).is_file():
+            if split == "train" and stage.data.streaming:
+                if not source_shards(source):
+                    raise FileNotFoundError(
+                        f"{key}: {source.path} holds no data shards (*.jsonl, *.json, *.parquet); set it to a shard "
+                        f"file, a folder of shards or a glob (--set {key}=PATH)"
+                    )
+            elif not Path(source.path).is_file():
                 problem = "is a folder, not a data file" if Path(source.path).is_dir() else "not found"
                 raise FileNotFoundError(f"{key}: {source.path} {problem}; set it to the data file (--set {key}=PATH)")
 
@@ -200,7 +207,8 @@ class Schedule:
     """A stage's optimizer steps and learning rate."""
 
     total_steps: int
-    per_epoch: int
+    per_epoch: int | None
+    """None for a streamed stage (no length up front)."""
     warmup: int
     global_batch: int
     peak_lr: float
@@ -212,7 +220,7 @@ class StageSetup:
 
     route: OneBackward | BackwardPerKind
     report: dict[str, Any]
-    dataset: SupervisedDataset
+    dataset: SupervisedDataset | StreamedDataset
     eval_set: SupervisedDataset | None
     bad: BadSampleLog
     collate: Collator
@@ -235,11 +243,15 @@ def setup_stage(run: Run, stage: StageSection, resume_state: ResumeState | None)
         raise ValueError(
             f"stage {stage.name!r}: mixed data kinds need one process or DDP, not {accelerator.distributed_type}"
         )
-    dataset, eval_set, bad = load_stage_data(run, stage, kinds)
+    if stage.data.streaming:
+        dataset, eval_set, bad = load_streamed_data(run, stage, kinds, pad_token_id(run.tokenizer))
+    else:
+        dataset, eval_set, bad = load_stage_data(run, stage, kinds)
     collate = Collator(pad_token_id=pad_token_id(run.tokenizer))
     schedule = plan_schedule(stage, dataset, accelerator.num_processes)
     run.print(
-        f"schedule: {schedule.total_steps} steps ({schedule.per_epoch} per epoch), global batch "
+        f"schedule: {schedule.total_steps} steps "
+        f"({'streamed' if schedule.per_epoch is None else f'{schedule.per_epoch} per epoch'}), global batch "
         f"{schedule.global_batch}, peak lr {schedule.peak_lr:.4g} ({stage.train.schedule}, {schedule.warmup} "
         f"warmup steps), weight decay {stage.train.weight_decay}"
     )
@@ -330,22 +342,31 @@ def load_stage_data(
     return dataset, (SupervisedDataset(eval_samples, eval_loader) if eval_samples else None), bad
 
 
-def plan_schedule(stage: StageSection, dataset: SupervisedDataset, processes: int) -> Schedule:
-    """Optimizer steps from epochs (or max_steps); LR from lr, or base_lr x global batch / 256."""
+def plan_schedule(stage: StageSection, dataset: SupervisedDataset | StreamedDataset, processes: int) -> Schedule:
+    """Optimizer steps from epochs (or max_steps, which a streamed stage needs); LR from lr, or base_lr x global
+    batch / 256."""
+    config = stage.train
+    per_epoch = None if isinstance(dataset, StreamedDataset) else epoch_steps(stage, dataset, processes)
+    global_batch = config.batch_size * config.grad_accum * processes
+    return Schedule(
+        total_steps=config.max_steps or math.ceil(config.epochs * per_epoch),
+        per_epoch=per_epoch,
+        warmup=config.warmup_steps
+        if config.warmup_steps is not None
+        else round(config.warmup_epochs * (per_epoch or 0)),
+        global_batch=global_batch,
+        peak_lr=config.lr if config.lr is not None else config.base_lr * global_batch / 256,
+    )
+
+
+def epoch_steps(stage: StageSection, dataset: SupervisedDataset, processes: int) -> int:
+    """Optimizer steps in one epoch of an in-memory stage."""
     config = stage.train
     plan = dict(batch_size=config.batch_size, grad_accum=config.grad_accum, num_processes=processes)
     micro_per_epoch = len(epoch_batches(dataset.lengths(), seed=0, epoch=0, group_by_length=False, **plan)) // processes
     if micro_per_epoch == 0:
         raise DataError(f"stage {stage.name!r}: {len(dataset)} samples make less than one batch per process")
-    per_epoch = steps_per_epoch(micro_per_epoch, config.grad_accum)
-    global_batch = config.batch_size * config.grad_accum * processes
-    return Schedule(
-        total_steps=config.max_steps or math.ceil(config.epochs * per_epoch),
-        per_epoch=per_epoch,
-        warmup=config.warmup_steps if config.warmup_steps is not None else round(config.warmup_epochs * per_epoch),
-        global_batch=global_batch,
-        peak_lr=config.lr if config.lr is not None else config.base_lr * global_batch / 256,
-    )
+    return steps_per_epoch(micro_per_epoch, config.grad_accum)
 
 
 def make_optimizer(

@@ -34,6 +34,8 @@ class Progress:
     wall_time: float = 0.0
     bad_runtime: int = 0
     """Samples masked out during the stage because their image failed to load (all processes)."""
+    stream: dict[str, Any] | None = None
+    """A streamed stage's data position after the last step (train/streaming.py `StreamState`)."""
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     evals: list[dict[str, float]] = dataclasses.field(default_factory=list)
     finished_stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)

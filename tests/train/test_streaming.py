@@ -1,0 +1,198 @@
+"""Streamed training data (train/streaming.py): the same batches and adapter as the in-memory path, exact
+resume mid-stream, the bad-sample policy naming file and row, and JSONL and Parquet shards reading alike."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmadapter.core.examples import DataError
+from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, load_samples
+from mmadapter.train.loop import train
+from mmadapter.train.readers import read_examples
+from mmadapter.train.recipe import parse_recipe
+from mmadapter.train.state import Progress
+from mmadapter.train.step import step_batches
+from mmadapter.train.streaming import StreamedDataset, StreamPosition, StreamState, stream_steps
+from tests.helpers.train_data import alpaca_rows, write_jsonl
+
+
+def stream_of(recipe, tokenizer, bad: BadSampleLog | None = None) -> StreamedDataset:
+    stage = recipe.stages[0]
+    bad = bad or BadSampleLog(stage.data.on_bad_sample, stage.data.max_bad_fraction)
+    kinds = [0] * len(stage.data.train)
+    return StreamedDataset(stage.data.train, tokenizer, stage.data, kinds, bad, None, stage.train.seed, 0)
+
+
+def ids_of(step: list[dict]) -> list[list[int]]:
+    return [row.tolist() for batch in step for row in batch["input_ids"]]
+
+
+def sources_of(step: list[dict]) -> list[str]:
+    return [source for batch in step for source in batch["sources"]]
+
+
+def take(steps, count: int) -> list[tuple[list[str], list[list[int]]]]:
+    return [(sources_of(group), ids_of(group)) for group, _, _ in (next(steps) for _ in range(count))]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_whose_window_holds_the_data_batches_like_the_in_memory_path(
+    make_recipe, tiny_tokenizer, tmp_path, workers
+):
+    # 18 rows, batch 4 x 2 accumulation: the epoch ends on a short step (9 rows' worth of micro-batches ... 5)
+    data = [{"format": "alpaca", "path": str(write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(18, seed=3)))}]
+    options = {"group_by_length": False, "num_workers": workers}
+    recipe = make_recipe(data=data, data_options=options, train={"grad_accum": 2, "seed": 5})
+    stage = recipe.stages[0]
+    bad = BadSampleLog()
+    samples = load_samples(stage.data.train, tiny_tokenizer, stage.data, [None], None, bad, show_progress=False)
+    collate = Collator(pad_token_id=0)
+    memory = step_batches(SupervisedDataset(samples), collate, stage, Progress(), 1, 0)
+    stage.data.streaming = True
+    streamed = stream_steps(stream_of(recipe, tiny_tokenizer), collate, stage, Progress(), 1, 0)
+    # Two epochs: 5 micro-batches each, so steps of 2, 2, 1 micro-batches, then the next epoch's order.
+    expected = take(memory, 6)
+    assert take(streamed, 6) == expected
+    assert [len(sources) for sources, _ in expected] == [8, 8, 2, 8, 8, 2]
+    assert expected[0][0] != expected[3][0]  # each epoch is shuffled anew
+
+
+@pytest.mark.slow
+def test_a_streamed_run_trains_the_in_memory_runs_adapter(make_recipe, tmp_path):
+    rows = alpaca_rows(16, seed=1)
+    data = [{"format": "alpaca", "path": str(write_jsonl(tmp_path / "rows.jsonl", rows))}]
+    train_options = {"max_steps": 6, "seed": 2}  # 4 steps per epoch: the stream starts over once
+    memory = make_recipe(data=data, data_options={"group_by_length": False}, train=train_options)
+    memory.output_dir = str(tmp_path / "memory")
+    streamed = make_recipe(data=data, data_options={"group_by_length": False, "streaming": True}, train=train_options)
+    streamed.output_dir = str(tmp_path / "streamed")
+    results = [train(recipe) for recipe in (memory, streamed)]
+    weights = [load_file(result.adapter_dir / "adapter_model.safetensors") for result in results]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:  # same batches, same float operations in the same order: bit for bit
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    losses = [[h["loss"] for h in result.summary["stages"][0]["history"]] for result in results]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+@pytest.mark.slow
+def test_a_run_resumed_mid_stream_ends_with_the_uninterrupted_runs_adapter(make_recipe, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rows = alpaca_rows(16, seed=4)
+    write_jsonl(shards / "part-0.jsonl", rows[:7])
+    write_jsonl(shards / "part-1.jsonl", rows[7:])
+    # Windows of 6 rows (6, 6, 4), batch 4: micro-batches 2, 2, 1 per window, 5 per epoch. The checkpoint at
+    # step 3 is in the middle of window 1 (which starts in part-0 and ends in part-1); 8 steps cross an epoch.
+    document = make_recipe(
+        data=[{"format": "alpaca", "path": str(shards)}],
+        data_options={"streaming": True, "shuffle_window": 6},
+        train={"max_steps": 8, "save_every": 3, "keep_checkpoints": 3, "seed": 3},
+        parsed=False,
+    )
+    straight = train(parse_recipe(document, {"output_dir": str(tmp_path / "straight")}))
+    checkpoint = tmp_path / "straight/checkpoints/ckpt-0000003"
+    state = StreamState.from_dict(json.loads((checkpoint / "trainer_state.json").read_text())["stream"])
+    assert (state.window, state.micro_batch, state.window_start) == (1, 1, StreamPosition(0, 0, 6, 6))
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(checkpoint, resumed_dir / "checkpoints/ckpt-0000003")
+    # The resumed run decodes in two workers: the batch order does not depend on them.
+    recipe = parse_recipe(document, {"output_dir": str(resumed_dir), "data.num_workers": 2})
+    resumed = train(recipe, resume=resumed_dir)
+    weights = [load_file(r.adapter_dir / "adapter_model.safetensors") for r in (straight, resumed)]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    history = [[h["loss"] for h in r.summary["stages"][0]["history"]] for r in (straight, resumed)]
+    assert history[1] == history[0]  # steps 1-3 from the checkpoint, 4-8 trained again
+
+
+def test_stream_steps_from_a_saved_position_continue_the_uninterrupted_order(make_recipe, tiny_tokenizer, tmp_path):
+    data = [{"format": "alpaca", "path": str(write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(21, seed=2)))}]
+    options = {"streaming": True, "shuffle_window": 10}
+    recipe = make_recipe(data=data, data_options=options, train={"grad_accum": 2})
+    stage, collate = recipe.stages[0], Collator(pad_token_id=0)
+    progress = Progress()
+    straight = stream_steps(stream_of(recipe, tiny_tokenizer), collate, stage, progress, 1, 0)
+    # Windows of 10, 10, 1 rows: 3, 3, 1 micro-batches of 4; steps of 2 micro-batches cross windows.
+    take(straight, 2)
+    saved = dict(progress.stream)
+    assert (saved["window"], saved["micro_batch"], saved["window_start"]["row"]) == (1, 1, 10)
+    after = [next(straight) for _ in range(6)]
+    assert [epoch for _, epoch, _ in after] == [0, 0, 1, 1, 1, 1]  # the epoch ends after a short step
+    resumed = stream_steps(stream_of(recipe, tiny_tokenizer), collate, stage, Progress(stream=saved), 1, 0)
+    assert take(resumed, 6) == [(sources_of(group), ids_of(group)) for group, _, _ in after]
+
+
+def test_bad_rows_are_skipped_or_fail_naming_file_and_row(make_recipe, tiny_tokenizer, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rows = alpaca_rows(6)
+    jsonl = shards / "a.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n{not json\n")
+    table = rows[2:]
+    table[1] = {"instruction": "what colour", "input": "", "output": None}
+    pq.write_table(pa.Table.from_pylist(table), shards / "b.parquet")
+    data = [{"format": "alpaca", "path": str(shards)}]
+    options = {"streaming": True, "max_bad_fraction": 1.0}
+    recipe = make_recipe(data=data, data_options=options)
+    stream = stream_of(recipe, tiny_tokenizer)
+    (window,) = stream.windows(StreamState())
+    assert len(window.rows) == 5  # 2 + 4 rows, one bad in each shard
+    assert [str(b) for b in stream.bad.samples] == [
+        f"{jsonl}:3: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{shards / 'b.parquet'}[1]: missing field 'output'",
+    ]
+
+    failing = make_recipe(data=data, data_options={**options, "on_bad_sample": "fail"})
+    with pytest.raises(DataError, match=rf"{jsonl}:3: malformed JSON .*on_bad_sample=fail"):
+        list(stream_of(failing, tiny_tokenizer).windows(StreamState()))
+
+
+def test_a_row_that_does_not_encode_is_masked_out_of_its_batch_in_the_worker(make_recipe, tiny_tokenizer, tmp_path):
+    rows = alpaca_rows(4)
+    rows[2] = {**rows[2], "instruction": " ".join(["what colour is the circle"] * 40)}  # no reply fits max_length
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    recipe = make_recipe(data=[{"format": "alpaca", "path": str(path)}], data_options={"streaming": True})
+    ((group, _, _),) = [
+        next(stream_steps(stream_of(recipe, tiny_tokenizer), Collator(0), recipe.stages[0], Progress(), 1, 0))
+    ]
+    (batch,) = group
+    assert [str(b).split(": ")[0] for b in batch["bad"]] == [f"{path}:3"]
+    row = batch["sources"].index(f"{path}:3")
+    assert (batch["labels"][row] == -100).all()
+
+
+def test_jsonl_and_parquet_shards_read_the_same_rows(make_recipe, tiny_tokenizer, tmp_path):
+    rows = alpaca_rows(10, seed=7)
+    rows[3]["system"] = "answer in one word"
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet", row_group_size=3)
+    read = {}
+    for suffix in ("jsonl", "parquet"):
+        recipe = make_recipe(
+            data=[{"format": "alpaca", "path": str(tmp_path / f"rows.{suffix}")}], data_options={"streaming": True}
+        )
+        # From row 4 on, as a resume inside the second row group starts.
+        start = StreamPosition(row=4, source_rows=4)
+        read[suffix] = [
+            dataclasses.replace(item, source="") for _, _, item in stream_of(recipe, tiny_tokenizer).rows(start)
+        ]
+    memory = [dataclasses.replace(e, source="") for e in read_examples("alpaca", tmp_path / "rows.jsonl")][4:]
+    assert read["jsonl"] == read["parquet"] == memory
+    assert len(memory) == 6
+
+
+def test_a_streamed_stage_needs_max_steps(make_recipe):
+    with pytest.raises(ValueError, match=r"train.max_steps: a streamed stage \(data.streaming: true\) has no length"):
+        make_recipe(data_options={"streaming": True}, train={"max_steps": None, "epochs": 1})
+    with pytest.raises(ValueError, match=r"data.clip_cache: "):
+        make_recipe(data_options={"streaming": True, "clip_cache": "cache"})
