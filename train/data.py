@@ -12,8 +12,9 @@ its batch (it contributes no loss) and counted, so nothing crashes mid-epoch. Po
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,12 +250,27 @@ class SupervisedDataset(torch.utils.data.Dataset):
         item: dict[str, Any] = {"sample": sample, "image": None, "bad": None}
         if sample.image is not None:
             try:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+                with cpu_rng_seeded((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index):
                     item["image"] = self.image_loader(sample.image)
             except (ValueError, OSError) as error:  # the loader's ImageLoadError is a ValueError naming the file
                 item["bad"] = BadSample(sample.source, str(error))
         return item
+
+
+@contextlib.contextmanager
+def cpu_rng_seeded(seed: int) -> Iterator[None]:
+    """Run the block with torch's CPU generator seeded to `seed`, then restore its state.
+
+    Image transforms (torchvision's random resized crop) draw from the global CPU generator and take no
+    generator of their own. `torch.manual_seed`/`fork_rng` would also seed every accelerator, which records a
+    stack trace per call for lazy CUDA initialisation (a fifth of a CPU demo's time); this seeds the CPU alone.
+    """
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from mmadapter.core.encoding import IGNORE_INDEX, encode
 from mmadapter.core.examples import DataError, Example
 from mmadapter.core.templates import ALPACA_WITH_INPUT, get_template
 from mmadapter.train.batching import epoch_batches, eval_batches, process_batches
-from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, load_samples
+from mmadapter.train.data import BadSampleLog, Collator, Sample, SupervisedDataset, load_samples
 from mmadapter.train.readers import BadSample, read_examples
 from mmadapter.train.recipe import DataSection, DataSource
 from mmadapter.vision.images import load_image
@@ -235,3 +236,25 @@ def test_generation_prompts_are_the_training_encoding_without_the_last_reply(tin
     assert trained[: -len(tiny_tokenizer.encode("red", add_special_tokens=False)) - 1] == encode_prompt(
         single, tiny_tokenizer, template
     )
+
+
+def test_image_augmentation_is_fixed_per_seed_epoch_and_sample_and_leaves_the_global_generator_alone():
+    samples = [Sample(f"s:{i}", [1, 2], [1, 2], Path(f"{i}.png"), 0) for i in range(3)]
+
+    def loader(path):  # a random augmentation that draws from torch's global CPU generator, as torchvision's
+        return {"pixel_values": torch.rand(4)}
+
+    dataset = SupervisedDataset(samples, loader, seed=5)
+    torch.manual_seed(0)
+    expected_next = torch.rand(1)
+    torch.manual_seed(0)
+    first = [dataset[i]["image"]["pixel_values"] for i in range(3)]
+    assert torch.equal(torch.rand(1), expected_next)  # the training generator did not move
+    torch.manual_seed(123)
+    assert all(torch.equal(dataset[i]["image"]["pixel_values"], first[i]) for i in (2, 0, 1))
+    assert not torch.equal(first[0], first[1])
+    torch.manual_seed((5 * 1_000_003 + 0) * 10_000_019 + 1)  # what the old fork_rng + manual_seed drew
+    assert torch.equal(first[1], torch.rand(4))
+    dataset.epoch = 1
+    assert not torch.equal(dataset[0]["image"]["pixel_values"], first[0])
+    assert torch.equal(SupervisedDataset(samples, loader, seed=5)[2]["image"]["pixel_values"], first[2])
