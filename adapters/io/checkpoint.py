@@ -63,6 +63,8 @@ class BaseShape:
     num_layers: _Size | None = None
     num_attention_heads: _Size | None = None
     num_key_value_heads: _Size | None = None
+    head_dim: _Size | None = None
+    """Qwen3 (and others) set it apart from hidden_size / num_attention_heads."""
     intermediate_size: _Size | None = None
     inner_hidden_size: _Size | None = None
     vocab_size: _Size | None = None
@@ -101,7 +103,8 @@ _SHAPE_FIELDS = tuple(field.name for field in dataclasses.fields(BaseShape))
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """The base model's identity (name if known) and shape, as saved beside an adapter."""
     config = model.config
-    shape = {f: getattr(config, f) for f in _SHAPE_FIELDS if getattr(config, f, None) is not None}
+    derived = {f for f in _SHAPE_FIELDS if isinstance(getattr(type(config), f, None), property)}  # ChatGLM's head_dim
+    shape = {f: getattr(config, f) for f in _SHAPE_FIELDS if f not in derived and getattr(config, f, None) is not None}
     return {"name_or_path": getattr(config, "name_or_path", "") or "", "shape": shape}
 
 

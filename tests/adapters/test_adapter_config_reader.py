@@ -237,3 +237,18 @@ def test_loading_a_wrong_size_loads_or_names_the_file(field, value, v1_folder, v
     else:
         assert value == v1_saved["adapter"][field] and all(not p.is_meta for p in model.parameters())
         assert isinstance(model.get_decoder().layers[-1].self_attn.adapter_prompt, torch.nn.Parameter)
+
+
+def test_a_base_whose_head_dim_is_not_width_over_heads_is_rebuilt_from_the_recorded_shape(tmp_path):
+    """Qwen3 sets head_dim apart from hidden_size / heads: the folder records it, so the offline check (push,
+    export, info) rebuilds the right q/k/v widths from the shape alone."""
+    from tests.helpers.tiny_families import build_tiny_family
+
+    model = build_tiny_family("qwen3")
+    assert model.config.head_dim != model.config.hidden_size // model.config.num_attention_heads
+    attach_adapter(model, make_config("lora"))
+    save_adapter(model, tmp_path)
+
+    folder = inspect_adapter_folder(tmp_path)
+
+    assert folder.document["base"]["shape"]["head_dim"] == model.config.head_dim
