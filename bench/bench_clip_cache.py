@@ -27,7 +27,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import RESULTS, write_results
+from benchlib import RESULTS, Table, write_results
 
 #: name -> (open_clip architecture, weights: None = random, or the demo's assets folder)
 TOWERS = {
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     count = 96 if args.quick else 256
     rows = {}
+    table = Table(["CLIP tower", "epoch without cache", "epoch with cache", "speed-up", "one-time cache build"])
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         captions = write_captions(root / "data", count)
@@ -132,17 +133,21 @@ def main(argv: list[str] | None = None) -> dict:
                 "speedup": without_cache / with_cache,
                 "cache_build_cpu_s": build,
             }
-            print(
-                f"{name:<34} epoch without cache {without_cache:7.2f} s | with cache {with_cache:6.2f} s | "
-                f"{without_cache / with_cache:5.1f}x | one-time cache build {build:6.2f} s"
+            table.add(
+                name,
+                f"{without_cache:.2f} s",
+                f"{with_cache:.2f} s",
+                f"{without_cache / with_cache:.1f}×",
+                f"{build:.2f} s",
             )
+    table.print()
     results = {
         "benchmark": "clip_cache",
         "date": date.today().isoformat(),
         "timing": "CPU time of this process, 1 thread, steps 2..N of one caption epoch (batch 16)",
         "rows": rows,
     }
-    write_results(results, args.out)
+    write_results(results, args.out, {"epoch": table})
     return results
 
 

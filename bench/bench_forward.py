@@ -18,7 +18,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import RESULTS, write_results
+from benchlib import RESULTS, Table, write_results
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config
 from mmadapter.adapters.backbones.presets import llama_config
@@ -68,14 +68,19 @@ def main() -> None:
         results["llama-adapter-v1"].append(measure(adapted, ids, repeats))
     rows = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
     print(f"LLaMA {layers} layers x {width}, batch {batch} x {seq} tokens; V1 on {layers - 1} layers, K=10")
-    print(f"{'model':<18} {'prefill ms':>11} {'ratio':>6} {'decode ms':>10} {'ratio':>6}")
+    table = Table(["model", "prefill ms", "× base", "decode step ms", "× base"])
     for name, row in rows.items():
-        prefill_ratio = row["prefill_ms"] / rows["base"]["prefill_ms"]
-        decode_ratio = row["decode_ms"] / rows["base"]["decode_ms"]
-        row |= {"prefill_ratio": prefill_ratio, "decode_ratio": decode_ratio}
-        print(
-            f"{name:<18} {row['prefill_ms']:>11.1f} {prefill_ratio:>6.3f} {row['decode_ms']:>10.2f} {decode_ratio:>6.3f}"
+        row["prefill_ratio"] = row["prefill_ms"] / rows["base"]["prefill_ms"]
+        row["decode_ratio"] = row["decode_ms"] / rows["base"]["decode_ms"]
+        label = {"base": "base", "llama-adapter-v1": "LLaMA-Adapter V1"}[name]
+        table.add(
+            label,
+            f"{row['prefill_ms']:.1f}",
+            f"{row['prefill_ratio']:.3f}",
+            f"{row['decode_ms']:.2f}",
+            f"{row['decode_ratio']:.3f}",
         )
+    table.print()
     result = {
         "date": date.today().isoformat(),
         "machine": platform.processor() or platform.machine(),
@@ -83,7 +88,7 @@ def main() -> None:
         "config": {"layers": layers, "width": width, "seq": seq, "batch": batch},
         "rows": rows,
     }
-    write_results(result, args.out)
+    write_results(result, args.out, {"v1": table})
 
 
 if __name__ == "__main__":

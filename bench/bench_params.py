@@ -19,7 +19,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from benchlib import RESULTS, write_results
+from benchlib import RESULTS, Table, write_results
 
 BASES = (
     "llama-7b",
@@ -46,6 +46,8 @@ PAPER = {
     ("chatglm-6b", "ptuning-v2", "adgen", None): (29_360_128, "ChatGLM-6B P-Tuning v2, PRE_SEQ_LEN 128"),
     ("chatglm-6b", "lora", "chatglm-qkv", None): (3_670_016, "LoRA r=8 on query_key_value"),
 }
+
+METHOD_NAMES = {"llama-adapter-v1": "V1", "llama-adapter-v2": "V2", "lora": "LoRA", "ptuning-v2": "P-Tuning v2"}
 
 
 def variants() -> list[tuple[str, str | None]]:
@@ -88,6 +90,28 @@ def count(base: str, method: str, preset: str | None) -> list[dict]:
     return rows
 
 
+def pivot(rows: list[dict], bases: dict[str, str]) -> Table:
+    """Trainable counts per preset with one column per base (`–` where the method does not fit it) and the
+    published figure; a method's defaults equal one of its presets and are left out."""
+    counts: dict[tuple[str, str, str], dict[str, str]] = {}
+    published: dict[tuple[str, str, str], list[str]] = {}
+    for row in rows:
+        if row["base"] not in bases or row["preset"] == "(defaults)":
+            continue
+        key = (row["method"], row["preset"], row["stage"])
+        counts.setdefault(key, {})[row["base"]] = f"{row['trainable_params']:,}"
+        if row["paper"] is not None:
+            verdict = "✓" if row["matches_paper"] else f"(published {row['paper']:,})"
+            published.setdefault(key, []).append(f"{bases[row['base']]} {verdict}")
+    table = Table(["method", "preset", "stage", *bases.values(), "published"])
+    for (method, preset, stage), by_base in counts.items():
+        cells = [by_base.get(base, "–") for base in bases]
+        table.add(
+            METHOD_NAMES[method], f"`{preset}`", stage, *cells, ", ".join(published.get((method, preset, stage), []))
+        )
+    return table
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="7B and ChatGLM-6B only")
@@ -110,6 +134,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['trainable_params']:>14,} {row['trainable_percent']:>8.4f}% {paper:>12}"
         )
     print(f"skipped {len(skipped)} combinations that do not fit their base (see the JSON for why)")
+    tables = {
+        "llama": pivot(rows, {"llama-7b": "7B", "llama-13b": "13B", "llama-33b": "33B", "llama-65b": "65B",
+                              "chatglm-6b": "ChatGLM-6B"}),
+        "today": pivot(rows, {"llama3-8b": "Llama 3.1 8B", "llama3-70b": "Llama 3.1 70B", "mistral-7b": "Mistral 7B",
+                              "qwen2.5-7b": "Qwen2.5-7B", "qwen3-8b": "Qwen3-8B"}),
+    }  # fmt: skip
+    for table in tables.values():
+        print()
+        table.print()
     mismatches = [r for r in rows if r["matches_paper"] is False]
     results = {
         "benchmark": "params",
@@ -120,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         "paper_figures_checked": sum(r["paper"] is not None for r in rows),
         "paper_mismatches": len(mismatches),
     }
-    write_results(results, args.out)
+    write_results(results, args.out, tables)
     return results
 
 

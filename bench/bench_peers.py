@@ -34,7 +34,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import RESULTS, saved_for_backward, write_results
+from benchlib import RESULTS, Table, saved_for_backward, write_results
 from transformers import LlamaConfig
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, mark_trainable
@@ -285,6 +285,25 @@ def print_row(name: str, row: dict) -> None:
         )
 
 
+def ratio_table(rows: dict) -> Table:
+    """Ours / peft's, one row per size: step time, generation throughput and step memory of both method pairs."""
+    table = Table(["LLaMA (width × layers)", "batch × seq", "V1 step", "V1 tokens/s", "V1 memory",
+                   "P-Tuning v2 step", "P-Tuning v2 tokens/s", "P-Tuning v2 memory"])  # fmt: skip
+    for name, row in rows.items():
+        config = row["config"]
+        cells = []
+        for method in ("v1", "prefix"):
+            ratio = row[method]["ratio"]
+            cells += [
+                f"{ratio['train_step_time (ours/peft)']:.2f}×",
+                f"{ratio['generate_tokens_per_s (ours/peft)']:.2f}×",
+                f"{ratio['train_step_memory (ours/peft)']:.2f}×",
+            ]
+        size = f"{name.split()[0]} ({config['hidden']} × {config['layers']})"
+        table.add(size, f"{config['batch']} × {config['seq']}", *cells)
+    return table
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the two smallest CPU sizes, fewer rounds")
@@ -313,7 +332,10 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": rounds,
         "sizes": run(sizes, device, dtype, rounds),
     }
-    write_results(results, args.out)
+    table = ratio_table(results["sizes"])
+    print("\nours / peft's:")
+    table.print()
+    write_results(results, args.out, {"ratios": table})
     return results
 
 

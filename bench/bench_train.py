@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchlib import RESULTS, saved_for_backward, write_results
+from benchlib import RESULTS, Table, saved_for_backward, write_results
 from torch import nn
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, optimizer_param_groups
@@ -53,6 +53,15 @@ def method_configs(layers: int) -> dict[str, tuple[str, dict] | None]:
         "lora": ("lora", {"r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}),
         "ptuning-v2": ("ptuning-v2", {"pre_seq_len": 128, "prefix_dropout": 0.1}),
     }
+
+
+METHOD_NAMES = {
+    "full fine-tuning": "full fine-tuning",
+    "llama-adapter-v1": "LLaMA-Adapter V1",
+    "llama-adapter-v2": "LLaMA-Adapter V2",
+    "lora": "LoRA r=8",
+    "ptuning-v2": "P-Tuning v2",
+}
 
 
 def build(base, method: tuple[str, dict] | None):
@@ -173,16 +182,20 @@ def v2_7b_memory(batch: int, seq: int) -> dict[str, dict[str, int]]:
     return rows
 
 
-def memory_7b_table(batch: int, seq: int) -> dict:
+def memory_7b_table(batch: int, seq: int) -> tuple[dict, Table]:
     rows = v2_7b_memory(batch, seq)
     print(f"\nLLaMA-Adapter V2 instruction step at the 7B shape, batch {batch} x {seq} tokens (accounted on meta):")
-    print(f"{'base':<36} {'weights':>8} {'activ.':>8} {'grad+opt':>9} {'total GiB':>10}  fits 16 GB")
+    table = Table(
+        ["base", "checkpointing", "weights GiB", "activations GiB", "grads + AdamW GiB", "total GiB", "fits 16 GB"]
+    )
     for name, row in rows.items():
-        print(
-            f"{name:<36} {row['weights'] / GIB:>8.2f} {row['activations'] / GIB:>8.2f} "
-            f"{(row['gradients'] + row['optimizer']) / GIB:>9.3f} {row['total'] / GIB:>10.2f}  "
-            f"{'yes' if row['total'] <= GPU_16GB else 'no'}"
-        )
+        base, checkpointing = name.split(" base, checkpointing ")
+        table.add(
+            base, checkpointing, f"{row['weights'] / GIB:.2f}", f"{row['activations'] / GIB:.2f}",
+            f"{(row['gradients'] + row['optimizer']) / GIB:.3f}", f"{row['total'] / GIB:.2f}",
+            "yes" if row["total"] <= GPU_16GB else "no",
+        )  # fmt: skip
+    table.print()
     return {
         "setup": {"shape": "llama-7b", "adapter": "llama-adapter-v2 multimodal-7b, instruction stage", "batch": batch},
         "seq": seq,
@@ -191,7 +204,7 @@ def memory_7b_table(batch: int, seq: int) -> dict:
         "dequantized weight; CUDA context and allocator slack not included",
         "gpu_16gb_bytes": GPU_16GB,
         "results": rows,
-    }
+    }, table
 
 
 def main() -> None:
@@ -206,13 +219,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="7B V2 step: sequences (released: 4 per GPU)")
     parser.add_argument("--seq", type=int, default=512, help="7B V2 step: tokens per sequence (released: 512)")
     args = parser.parse_args()
+    memory_7b, memory_7b_printed = memory_7b_table(args.batch, args.seq)
     if args.memory_7b:
-        document = {
-            "benchmark": "train_memory_7b",
-            "date": date.today().isoformat(),
-            **memory_7b_table(args.batch, args.seq),
-        }
-        write_results(document, args.out or RESULTS / "train_memory_7b.json")
+        document = {"benchmark": "train_memory_7b", "date": date.today().isoformat(), **memory_7b}
+        write_results(document, args.out or RESULTS / "train_memory_7b.json", {"memory_7b": memory_7b_printed})
         return
     layers, width, seq, batch_size, vocab, rounds = (
         (4, 256, 128, 2, 4096, 3) if args.quick else (8, 512, 256, 2, 4096, 5)
@@ -267,12 +277,13 @@ def main() -> None:
         f"{device}, fp32, median of {rounds} steps" + (" (1 thread, CPU time)" if device == "cpu" else "")
     )
     print(title)
-    print(f"{'method':<18} {'trainable':>11} {'step s':>8} {'ratio':>6} {'memory MiB':>11} {'ratio':>6}")
+    table = Table(["method", "trainable", "step s", "× full", "memory MiB", "× full"])
     for name, row in rows.items():
-        print(
-            f"{name:<18} {row['trainable_params']:>11,} {row['step_s']:>8.3f} {row['step_ratio']:>6.2f} "
-            f"{row['memory_bytes'] / 2**20:>11.1f} {row['memory_ratio']:>6.2f}"
-        )
+        table.add(
+            METHOD_NAMES[name], f"{row['trainable_params']:,}", f"{row['step_s']:.3f}", f"{row['step_ratio']:.2f}",
+            f"{row['memory_bytes'] / 2**20:.1f}", f"{row['memory_ratio']:.2f}",
+        )  # fmt: skip
+    table.print()
     document = {
         "benchmark": "train_step",
         "date": date.today().isoformat(),
@@ -280,9 +291,9 @@ def main() -> None:
         "setup": {"layers": layers, "width": width, "vocab": vocab, "batch": batch_size, "seq": seq, "device": device},
         "memory_method": "accounted: weights + trainable grads + AdamW moments + saved activations",
         "results": rows,
-        "v2_7b_memory": memory_7b_table(args.batch, args.seq),
+        "v2_7b_memory": memory_7b,
     }
-    write_results(document, args.out or RESULTS / "train.json")
+    write_results(document, args.out or RESULTS / "train.json", {"step": table, "memory_7b": memory_7b_printed})
 
 
 if __name__ == "__main__":

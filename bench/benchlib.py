@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,37 @@ from torch import nn
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write_results(document: dict[str, Any], out: Path) -> None:
-    """Write one benchmark's JSON (creating its folder) and say where."""
+@dataclass
+class Table:
+    """A results table as the benchmark prints it; stored in the JSON under "tables" so the documentation
+    renders the very same cells (docs/hooks.py: `<!-- bench-table: NAME.json#TABLE -->`)."""
+
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+
+    def add(self, *cells: object) -> None:
+        if len(cells) != len(self.columns):
+            raise ValueError(f"a row of {len(cells)} cells for {len(self.columns)} columns")
+        self.rows.append([str(cell) for cell in cells])
+
+    def print(self) -> None:
+        widths = [max(len(cell) for cell in column) for column in zip(self.columns, *self.rows, strict=True)]
+        for row in (self.columns, *self.rows):
+            print(
+                "  ".join(
+                    cell.rjust(width) if i else cell.ljust(width)
+                    for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+                )
+            )
+
+    def to_json(self) -> dict[str, list]:
+        return {"columns": self.columns, "rows": self.rows}
+
+
+def write_results(document: dict[str, Any], out: Path, tables: dict[str, Table] | None = None) -> None:
+    """Write one benchmark's JSON (creating its folder), with its printed `tables`, and say where."""
+    if tables:
+        document = {**document, "tables": {name: table.to_json() for name, table in tables.items()}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {out}")

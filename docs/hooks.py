@@ -5,12 +5,15 @@
 
 - recipes.md: the recipe reference, from the recipe JSON schema (`mmadapter train --schema`).
 - troubleshooting.md: every error message the library raises for a user's input, found in the source.
+- Any page: `<!-- bench-table: NAME.json#TABLE -->` becomes the table a benchmark printed and stored in
+  `bench/results/NAME.json` (bench/benchlib.Table), so figures in the docs are the measured ones.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,32 @@ link_packages()
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     generators = {"recipes.md": recipe_reference, "troubleshooting.md": error_catalogue}
     generate = generators.get(page.file.src_uri)
-    return markdown.replace(MARKER, generate()) if generate and MARKER in markdown else markdown
+    if generate and MARKER in markdown:
+        markdown = markdown.replace(MARKER, generate())
+    return BENCH_TABLE.sub(lambda match: bench_table(match["file"], match["table"]), markdown)
+
+
+# ---------------------------------------------------------------- benchmark tables
+
+BENCH_TABLE = re.compile(r"<!-- bench-table: (?P<file>[\w.-]+\.json)#(?P<table>[\w-]+) -->")
+NUMERIC = re.compile(r"^[*~]*[-+]?[\d,.]+\s*(%|×|s|ms|MiB|GiB|GB)?[*]*$")
+
+
+def bench_table(file: str, table: str) -> str:
+    """A markdown table from a benchmark's JSON; a missing file or table fails the (strict) build."""
+    path = ROOT / "bench" / "results" / file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the benchmark that writes it and commit the JSON")
+    document = json.loads(path.read_text())
+    tables = document.get("tables", {})
+    if table not in tables:
+        raise KeyError(f"{path} has no table {table!r} (it has: {', '.join(tables) or 'none'})")
+    columns, rows = tables[table]["columns"], tables[table]["rows"]
+    right = [all(NUMERIC.match(row[i]) or row[i] in ("", "–") for row in rows) for i in range(len(columns))]
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---:" if r else "---" for r in right) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    measured = f", measured {document['date']}" if "date" in document else ""
+    return "\n".join(lines) + f"\n\n_From `bench/results/{file}`{measured}._"
 
 
 # ---------------------------------------------------------------- recipes.md
