@@ -147,6 +147,7 @@ class StreamedDataset(torch.utils.data.Dataset):
         self.embedding_rows: int | None = None
         """Rows of the base model's embedding: every batch's token ids are checked against it."""
         self._encoders: dict[int, Encoder] = {}
+        self._logged: set[str] = set()
 
     def __len__(self) -> int:
         """Rows read so far in this stage (the denominator of the unreadable-sample fraction)."""
@@ -181,7 +182,9 @@ class StreamedDataset(torch.utils.data.Dataset):
         for after, source, item in self.rows(state.window_start):
             self.rows_read += 1
             if isinstance(item, BadSample):
-                self.bad.add(item, upfront=False)  # raises under on_bad_sample=fail
+                if item.source not in self._logged:  # once, not again every epoch
+                    self._logged.add(item.source)
+                    self.bad.add(item, upfront=False)  # raises under on_bad_sample=fail
                 continue
             if item.image is not None and self.image_loader is None:
                 raise DataError(

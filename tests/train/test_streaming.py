@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from mmadapter.core.examples import DataError
@@ -21,7 +26,9 @@ from mmadapter.train.recipe import parse_recipe
 from mmadapter.train.state import Progress
 from mmadapter.train.step import step_batches
 from mmadapter.train.streaming import StreamedDataset, StreamPosition, StreamState, stream_steps
-from tests.helpers.train_data import alpaca_rows, write_jsonl
+from tests.helpers.train_data import COLOURS, alpaca_rows, write_image, write_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def stream_of(recipe, tokenizer, bad: BadSampleLog | None = None) -> StreamedDataset:
@@ -196,3 +203,80 @@ def test_a_streamed_stage_needs_max_steps(make_recipe):
         make_recipe(data_options={"streaming": True}, train={"max_steps": None, "epochs": 1})
     with pytest.raises(ValueError, match=r"data.clip_cache: "):
         make_recipe(data_options={"streaming": True, "clip_cache": "cache"})
+
+
+@pytest.mark.slow
+def test_a_streamed_v2_stage_mixing_parquet_captions_and_instructions_trains_the_in_memory_adapter(
+    make_recipe, tmp_path
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    captions = []
+    for i, colour in enumerate(list(COLOURS) * 2):
+        write_image(images / f"{i}.png", colour)
+        captions.append({"image": f"{i}.png", "caption": f"a {colour} square"})
+    write_jsonl(tmp_path / "captions.jsonl", captions)
+    pq.write_table(pa.Table.from_pylist(captions), tmp_path / "captions.parquet")
+    instructions = {
+        "format": "alpaca",
+        "path": str(write_jsonl(tmp_path / "a.jsonl", alpaca_rows(8))),
+        "trains": "instruction",
+    }
+
+    def recipe(captions_file: str, streaming: bool):
+        source = {
+            "format": "caption-jsonl",
+            "path": str(tmp_path / captions_file),
+            "images": str(images),
+            "trains": "caption",
+        }
+        return make_recipe(
+            data=[source, instructions],
+            method="llama-adapter-v2",
+            train={"max_steps": 3, "batch_size": 4, "eps": 1e-6},
+            data_options={"group_by_length": False, "streaming": streaming},
+            output_dir=str(tmp_path / f"run-{captions_file}"),
+        )
+
+    # Random-crop augmentation draws from (seed, epoch, sample index) in both paths.
+    results = [train(recipe("captions.jsonl", False)), train(recipe("captions.parquet", True))]
+    weights = [load_file(r.adapter_dir / "adapter_model.safetensors") for r in results]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_a_streamed_folder_without_shards_is_refused_naming_the_key(make_recipe, tmp_path):
+    (tmp_path / "empty").mkdir()
+    recipe = make_recipe(data=[{"format": "alpaca", "path": str(tmp_path / "empty")}], data_options={"streaming": True})
+    with pytest.raises(FileNotFoundError, match=r"data.train.0.path: .*empty holds no data shards"):
+        train(recipe)
+
+
+@pytest.mark.slow
+def test_two_processes_stream_the_adapter_of_one(make_recipe, tmp_path):
+    # Windows of 8 rows, a multiple of the global batch: 1 x batch 8 and 2 x batch 4 take the same rows per step.
+    # Tolerance as in test_distributed.py (DDP sums gradients in another order).
+    data = [{"format": "alpaca", "path": str(write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(16, seed=6)))}]
+    document = make_recipe(
+        data=data,
+        data_options={"streaming": True, "shuffle_window": 8},
+        train={"lr": 0.3, "max_steps": 3, "batch_size": 8},  # 2 steps per epoch
+        output_dir=str(tmp_path / "one"),
+        parsed=False,
+    )
+    one = train(parse_recipe(document))
+    document = dict(document, output_dir=str(tmp_path / "two"), train={**document["train"], "batch_size": 4})
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(document))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    driver = [str(REPO / "tests/train/ddp_driver.py"), str(tmp_path / "two.yaml")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *driver]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    weights = [
+        load_file(folder / "adapter_model.safetensors") for folder in (one.adapter_dir, tmp_path / "two/adapter")
+    ]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=5e-5)
+    two = json.loads((tmp_path / "two/adapter/training_summary.json").read_text())
+    assert one.summary["tokens"] == two["tokens"]
