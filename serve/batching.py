@@ -22,7 +22,10 @@ replaces; and it samples every request from the process-wide RNG with one genera
 per-request seeds and settings would not be exact.
 
 Models that cannot share a cache this way (ChatGLM-6B's 2-D positions, P-Tuning v2 prefixes; see
-`GenerationEngine.batchable`) run one request at a time through `GenerationEngine.stream`.
+`GenerationEngine.batchable`) run one request at a time through `GenerationEngine.stream`. A request
+that brings its own engine (a P-Tuning v2 adapter served beside others: its prefix lives in the
+request's KV cache, on a shell sharing the base weights) runs alone in a lane of its own, one token
+per step beside the shared batch, so the others keep batching while it streams.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class GenerationRequest:
     """The request's adapter_scale (routed adapters only)."""
     visual_prompt: torch.Tensor | None = None
     """(1, K, D) from the adapter's visual prompter, computed once; None for text."""
+    engine: GenerationEngine | None = None
+    """Its own engine (a P-Tuning v2 adapter beside others): it runs alone, beside the shared batch."""
 
 
 class Sequence:
@@ -70,6 +75,7 @@ class Sequence:
         self.stop_ids = engine.eos_token_ids | set(request.params.stop_token_ids)
         self.cancelled = False
         self._exclusive: Iterator[TextDelta] | None = None
+        self._routing: RowRouting | None = None
 
     @property
     def finished(self) -> bool:
@@ -123,6 +129,8 @@ class BatchScheduler:
         self.prefill_tokens = prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.waiting_alone: deque[Sequence] = deque()  # requests with their own engine, one at a time
+        self.alone: Sequence | None = None
         self._prefill: _Prefill | None = None
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (B, cached columns): 1 for a real token
@@ -134,25 +142,36 @@ class BatchScheduler:
     def add(self, request: GenerationRequest) -> Sequence:
         """Queue a request (raises PromptTooLongError / ValueError at once for a bad prompt)."""
         sequence = Sequence(self.engine, request)
-        self.waiting.append(sequence)
+        (self.waiting_alone if request.engine is not None else self.waiting).append(sequence)
         return sequence
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running and self._prefill is None
+        return (
+            not self.waiting
+            and not self.running
+            and self._prefill is None
+            and not self.waiting_alone
+            and self.alone is None
+        )
 
     @property
     def active(self) -> int:
         """Requests being prefilled or decoded."""
-        return len(self.running) + (0 if self._prefill is None else len(self._prefill.sequences))
+        prefilling = 0 if self._prefill is None else len(self._prefill.sequences)
+        return len(self.running) + prefilling + (self.alone is not None)
 
     def step(self) -> list[tuple[Sequence, TextDelta]]:
         """One prefill chunk (if requests are joining) and one decoding step of the running batch."""
         self._drop_finished()
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        self.waiting_alone = deque(s for s in self.waiting_alone if not s.cancelled)
+        self.alone, events = self._step_alone(self.waiting_alone, self.alone)
         if not self.engine.batchable:
-            return self._step_exclusive()
-        events: list[tuple[Sequence, TextDelta]] = []
+            current = self.running[0] if self.running else None
+            current, more = self._step_alone(self.waiting, current)
+            self.running = [] if current is None else [current]
+            return events + more
         if self._prefill is None and self.waiting and len(self.running) < self.max_batch:
             joining = [
                 self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))
@@ -287,23 +306,28 @@ class BatchScheduler:
 
     # -- one request at a time ---------------------------------------------------------------------
 
-    def _step_exclusive(self) -> list[tuple[Sequence, TextDelta]]:
-        """Models that cannot share a batch: the oldest request runs alone through `GenerationEngine.stream`."""
-        if not self.running and self.waiting:
-            sequence = self.waiting.popleft()
-            self._routing, extra = self._row_inputs([sequence])
-            sequence._exclusive = self.engine.stream([sequence.request.prompt_ids], sequence.request.params, extra)
-            self.running = [sequence]
-        if not self.running:
-            return []
-        sequence = self.running[0]
-        with routed(self._routing):  # the stream runs its forwards inside next()
-            delta = next(sequence._exclusive, None)
+    def _step_alone(
+        self, waiting: deque[Sequence], current: Sequence | None
+    ) -> tuple[Sequence | None, list[tuple[Sequence, TextDelta]]]:
+        """One token of a request that runs alone through `GenerationEngine.stream` (its own engine, or this
+        one when the model cannot share a batch), starting the oldest waiting one if none runs.
+        Returns the request still running (None once it ended) and its event."""
+        if current is not None and current.cancelled:
+            current = None
+        if current is None and waiting:
+            current = waiting.popleft()
+            current._routing, extra = self._row_inputs([current])
+            engine = current.request.engine or self.engine
+            current._exclusive = engine.stream([current.request.prompt_ids], current.request.params, extra)
+        if current is None:
+            return None, []
+        with routed(current._routing):  # the stream runs its forwards inside next()
+            delta = next(current._exclusive, None)
         if delta is None or delta.finish_reason is not None:
-            sequence.text.finish_reason = "stop" if delta is None else delta.finish_reason
-            sequence._exclusive.close()
-            self.running = []
-        return [] if delta is None else [(sequence, delta)]
+            current.text.finish_reason = "stop" if delta is None else delta.finish_reason
+            current._exclusive.close()
+            return None, [] if delta is None else [(current, delta)]
+        return current, [(current, delta)]
 
     def cancel(self, sequence: Sequence) -> None:
         """Stop a request; its row leaves at the next step."""
@@ -312,11 +336,13 @@ class BatchScheduler:
             sequence._exclusive.close()
 
     def close(self) -> None:
-        for sequence in [*self.waiting, *self.running]:
+        lone = [] if self.alone is None else [self.alone]
+        for sequence in [*self.waiting, *self.running, *self.waiting_alone, *lone]:
             self.cancel(sequence)
         self.waiting.clear()
+        self.waiting_alone.clear()
         self.running = []
-        self._prefill = self._cache = None
+        self.alone = self._prefill = self._cache = None
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:

@@ -103,14 +103,12 @@ def turn_params(served: ServedModel, turn: ChatTurn) -> SamplingParams:
 def generation_request(served: ServedModel, turn: ChatTurn, ids: list[int]) -> GenerationRequest:
     """What the scheduler needs for the turn; the visual prompt is model work (the generation thread's)."""
     variant = served.variant(turn.adapter)
-    if variant.route is None and turn.adapter_scale != 1.0 and variant.method is not None:
-        raise ValueError(
-            f"adapter_scale: the model {variant.name!r} is served merged into the base weights, so only 1 is "
-            "possible; serve it with --adapter NAME=PATH (without --merge) to dial it"
-        )
-    return GenerationRequest(
-        ids, turn_params(served, turn), variant.route, turn.adapter_scale, visual_prompt_for(variant, turn.image)
-    )
+    problem = variant.scale_problem(turn.adapter_scale)
+    if problem is not None:
+        raise ValueError(f"adapter_scale: {problem}")
+    visual_prompt = visual_prompt_for(variant, turn.image)
+    params = turn_params(served, turn)
+    return GenerationRequest(ids, params, variant.route, turn.adapter_scale, visual_prompt, variant.engine)
 
 
 def stream_turn(served: ServedModel, turn: ChatTurn) -> Iterator[TurnStarted | TextDelta]:

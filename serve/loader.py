@@ -80,10 +80,26 @@ class ServedVariant:
     defaults: SamplingParams
     route: str | None = None
     """Its name in the base model's routing; None: the served model as it is (adapter_scale fixed at 1)."""
+    engine: GenerationEngine | None = None
+    """Its own engine on its shell (a P-Tuning v2 adapter beside others): its requests run one at a time."""
 
     @property
     def takes_images(self) -> bool:
         return takes_images(self.model)
+
+    def scale_problem(self, scale: float) -> str | None:
+        """Why a request's adapter_scale `scale` cannot be honoured for this model id (None: it can)."""
+        if scale == 1.0 or self.method is None or self.route is not None:
+            return None
+        if self.engine is not None:
+            return (
+                f"the model {self.name!r} is a P-Tuning v2 adapter, whose prefix has no strength to dial, so only "
+                "adapter_scale 1 is possible"
+            )
+        return (
+            f"the model {self.name!r} is served merged into the base weights, so only adapter_scale 1 is possible "
+            "(the operator serves it with --adapter NAME=PATH, without --merge, to allow other values)"
+        )
 
     @property
     def method(self) -> str | None:
@@ -245,8 +261,10 @@ def load_served_models(
     """BASE once, every adapter in `adapters` (model id -> folder or hub id) routed onto it, and the base
     itself as `base`: rows of one batch may use different adapters, each at its request's adapter_scale.
 
-    Nothing is merged into the shared weights (each adapter's terms act per row). The first adapter is the
-    default model id. `template` overrides every adapter's saved template.
+    Nothing is merged into the shared weights (each adapter's terms act per row). A P-Tuning v2 adapter among
+    others is not routed: its prefix lives in each request's KV cache, so it gets its own engine on its shell
+    (sharing the base weights) and its requests run one at a time beside the shared batch. The first adapter is
+    the default model id. `template` overrides every adapter's saved template.
     """
     if BASE_MODEL_ID in adapters:
         raise ValueError(f"--adapter: the name {BASE_MODEL_ID!r} is the base model's; choose another name")
@@ -277,6 +295,8 @@ def load_served_models(
     for name, folder in folders.items():
         load_adapter(shells[name], folder, **(adapter_overrides or {}))
         shells[name].to(device).eval()
+        if adapter_method_name(shells[name]) in UNROUTED_METHODS:
+            continue
         if adapter_method_name(shells[name]) in PROMPT_METHODS:
             use_prompt_attention(model)
         install_routes(model, name, shells[name])
@@ -289,7 +309,10 @@ def load_served_models(
             shell,
             adapter_template(documents[name], loaded_tokenizer, model_type, override=template),
             served.defaults,
-            route=name,
+            route=None if adapter_method_name(shell) in UNROUTED_METHODS else name,
+            engine=GenerationEngine(shell, loaded_tokenizer)
+            if adapter_method_name(shell) in UNROUTED_METHODS
+            else None,
         )
         for name, shell in shells.items()
     }

@@ -154,12 +154,9 @@ def chat_turn(request: ChatCompletionRequest, served: ServedModel, load_image: I
     if not chat.message and not chat.images:
         raise invalid("the last user message is empty", "messages")
     scale = 1.0 if request.adapter_scale is None else request.adapter_scale
-    if scale != 1.0 and variant.route is None and variant.method is not None:
-        message = (
-            f"the model {variant.name!r} is served merged into the base weights, so only adapter_scale 1 is possible "
-            "(the operator serves it with --adapter NAME=PATH, without --merge, to allow other values)"
-        )
-        raise invalid(message, "adapter_scale")
+    problem = variant.scale_problem(scale)
+    if problem is not None:
+        raise invalid(problem, "adapter_scale")
     params = sampling_params(request, variant.defaults)
     image = load_image(*chat.images[0]) if chat.images else None
     return ChatTurn(

@@ -144,7 +144,8 @@ def install_routes(base: nn.Module, name: str, shell: nn.Module) -> list[str]:
     if any(getattr(m.get_decoder(), "prefix_encoder", None) is not None for m in (base, shell)):
         raise ValueError(
             f"adapter {name!r}: P-Tuning v2 prefixes live in each request's KV cache, which rows of other adapters "
-            "share in a batch; serve a P-Tuning v2 adapter on its own (one --adapter)"
+            "share in a batch, so they cannot be routed per row; run the shell itself (serve.loader gives such an "
+            "adapter its own engine)"
         )
     changed: list[str] = []
     skip: tuple[str, ...] = ()

@@ -9,7 +9,7 @@ from mmadapter.adapters import attach_adapter, make_config, save_adapter
 from mmadapter.adapters.methods.routing import RowRouting, install_routes, make_shell, routed
 from mmadapter.cli.serve_commands import _adapters
 from mmadapter.serve.batching import BatchScheduler, GenerationRequest
-from mmadapter.serve.chat import ChatTurn, prompt_ids
+from mmadapter.serve.chat import ChatTurn, generation_request, prompt_ids
 from mmadapter.serve.generate import GenerationEngine
 from mmadapter.serve.loader import BASE_MODEL_ID, UnknownModelError, load_served_model, load_served_models
 from mmadapter.serve.sampling import SamplingParams
@@ -279,7 +279,9 @@ def test_web_demo_dials_a_routed_adapter(multi, alone):
         assert replies[scale] == ids[0].text
 
 
-def test_ptuning_v2_is_served_alone_and_refused_in_a_mix(folders, tmp_path):
+def test_ptuning_v2_alone_and_beside_other_adapters(folders, tmp_path):
+    """Alone: attached to the base, one request at a time. Beside others: its requests run one at a time on
+    its own engine while the other adapters keep batching; every answer equals its adapter served alone."""
     base, saved = folders
     model = build_tiny_llama()
     attach_adapter(model, make_config("ptuning-v2", pre_seq_len=4))
@@ -289,12 +291,31 @@ def test_ptuning_v2_is_served_alone_and_refused_in_a_mix(folders, tmp_path):
     assert served.model_ids() == ["prefix"] and not served.engine.batchable
     ids = served.engine.encode(PROMPTS[0])
     reference = load_served_model(base, prefix, device="cpu")
-    assert (
-        run(served.engine, [GenerationRequest(ids, GREEDY)] * 2)
-        == [reference.engine.generate([ids], GREEDY)[0].token_ids] * 2
-    )
-    with pytest.raises(ValueError, match="adapter 'prefix': P-Tuning v2 prefixes live in each request's KV cache"):
-        load_served_models(base, {"v1": saved["v1"], "prefix": prefix}, device="cpu")
+    expected = reference.engine.generate([ids], GREEDY)[0].token_ids
+    assert run(served.engine, [GenerationRequest(ids, GREEDY)] * 2) == [expected] * 2
+
+    mixed = load_served_models(base, {"v1": saved["v1"], "prefix": prefix, "lora": saved["lora"]}, device="cpu")
+    assert mixed.model_ids() == ["v1", "prefix", "lora", "base"] and mixed.engine.batchable
+    asks = [("prefix", GREEDY), ("v1", GREEDY), ("prefix", sampled(3)), ("lora", sampled(4)), ("base", GREEDY)]
+    requests = [
+        generation_request(mixed, ChatTurn(prompt, adapter=name, params=params), mixed.engine.encode(prompt))
+        for (name, params), prompt in zip(asks, [*PROMPTS, PROMPTS[0]], strict=True)
+    ]
+    scheduler = BatchScheduler(mixed.engine, max_batch=16, prefill_tokens=16)
+    sequences = [scheduler.add(request) for request in requests]
+    tokens: dict = {}
+    steps_with_both = 0
+    while not scheduler.idle:
+        events = scheduler.step()
+        steps_with_both += scheduler.alone is not None and len(scheduler.running) > 1
+        for sequence, delta in events:
+            tokens.setdefault(sequence, []).extend(delta.token_ids)
+    assert steps_with_both > 0  # the prefix request streamed while the others decoded together
+    for (name, params), request, sequence in zip(asks, requests, sequences, strict=True):
+        alone_served = reference if name == "prefix" else alone_model(folders, None if name == "base" else name)
+        assert tokens[sequence] == alone_served.engine.generate([request.prompt_ids], params)[0].token_ids, name
+    with pytest.raises(ValueError, match="adapter_scale: the model 'prefix' is a P-Tuning v2 adapter"):
+        generation_request(mixed, ChatTurn("hi", adapter="prefix", adapter_scale=0.5), ids)
 
 
 def test_lora_routes_on_chatglm(tiny_glm):
