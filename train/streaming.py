@@ -22,6 +22,10 @@ Bad rows follow `data.on_bad_sample`: a row that does not parse is logged (`file
 or fails the run when read; one that does not encode, or whose image does not load, is masked out of
 its batch in the worker and counted by the step like an unreadable image (step.py `check_step`);
 `data.max_bad_fraction` applies per shard.
+
+Hugging Face `datasets` streaming is not used: its JSON reader fails a block of a shard at a malformed line
+without naming the line, and its shuffle buffer is refilled rather than restored on resume, so neither the
+bad-sample policy nor exact resume would hold.
 """
 
 from __future__ import annotations
