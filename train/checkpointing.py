@@ -40,6 +40,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+#: FSDP2: every process's shard of the AdamW moments, as torch.distributed.checkpoint writes them.
+OPTIMIZER_SHARDS = "optimizer_shards"
 RECIPE_FILE = "recipe.yaml"
 MANIFEST_FILE = "manifest.json"
 #: What reading a damaged file raises (truncated zip, safetensors header, JSON; a missing file).
@@ -88,6 +90,24 @@ def gathered_adapter(accelerator, model: torch.nn.Module) -> dict[str, torch.Ten
     }
 
 
+def save_sharded_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every process writes its shard of the optimizer state (a collective: all processes call it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+
+
+def load_sharded_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every process reads its shard of the optimizer state back into `optimizer` (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to read into
+    dcp.load(state, checkpoint_id=folder)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
 def _tensor_bytes(value: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(value, buffer)
@@ -106,6 +126,7 @@ def save_checkpoint(
     model: torch.nn.Module,
     adapter: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any] | None,
+    optimizer_shards: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None,
     trainer_state: dict[str, Any],
     recipe_yaml: str,
     training: dict[str, Any],
@@ -115,7 +136,9 @@ def save_checkpoint(
 ) -> Path:
     """Write one checkpoint (every process calls this; each writes its own RNG state).
 
-    `adapter` is `gathered_adapter(accelerator, model)`; `optimizer_state` None leaves the moments out.
+    `adapter` is `gathered_adapter(accelerator, model)` (gathered once; the main process writes it);
+    `optimizer_state` (None: none) goes to optimizer.pt, and `optimizer_shards` (FSDP2's sharded model and
+    its optimizer) to optimizer_shards/, each process its own shard.
     """
     root = output_dir / CHECKPOINTS
     final = root / checkpoint_name(global_step)
@@ -126,6 +149,8 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         atomic_write_bytes(tmp / f"rng_state_{accelerator.process_index}.pt", _tensor_bytes(rng_state()))
+        if optimizer_shards is not None:
+            save_sharded_optimizer(tmp / OPTIMIZER_SHARDS, *optimizer_shards)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_adapter(
@@ -283,10 +308,15 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(checkpoint: Path, model: torch.nn.Module, process_index: int) -> tuple[dict | None, dict]:
-    """Load adapter weights into `model`; return (optimizer state or None, this process's RNG state)."""
+    """Load adapter weights into `model`; return (optimizer state or None, this process's RNG state).
+
+    The optimizer state's "optimizer_shards" names the folder of FSDP2's shards, read once the sharded
+    optimizer exists (`load_sharded_optimizer`)."""
     load_adapter_weights(model, checkpoint)
     optimizer_file = checkpoint / OPTIMIZER_FILE
     optimizer_state = torch.load(optimizer_file, weights_only=True) if optimizer_file.is_file() else None
+    if optimizer_state is not None and (checkpoint / OPTIMIZER_SHARDS).is_dir():
+        optimizer_state["optimizer_shards"] = str(checkpoint / OPTIMIZER_SHARDS)
     rng_file = checkpoint / f"rng_state_{process_index}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(f"{checkpoint}: no {rng_file.name}; resume with as many processes as the run had")

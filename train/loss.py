@@ -38,6 +38,13 @@ class TokenLoss(nn.Module):
         )
         return losses.view_as(shifted)
 
+    # FSDP2 (accelerate's fsdp2_prepare_model) shards the embeddings and the head as groups of their own.
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
+
 
 def batch_tensors(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     """The loss module's inputs of a collated batch, on `device`."""

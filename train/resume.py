@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -20,15 +21,22 @@ from mmadapter.train.checkpointing import (
     gathered_adapter,
     is_sharded,
     load_checkpoint,
+    load_sharded_optimizer,
     partial_checkpoints,
     save_checkpoint,
     set_rng_state,
 )
 from mmadapter.train.recipe import StageSection, dump_recipe
+from mmadapter.train.sharding import is_fsdp2
 from mmadapter.train.state import Progress, Run
 
 #: (optimizer, scheduler and scaler states or None, every process's RNG states), as `load_checkpoint` reads them.
 ResumeState = tuple[dict | None, dict]
+
+
+def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper (what torch.distributed.checkpoint reads)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def save_training_state(
@@ -38,16 +46,20 @@ def save_training_state(
     optimizer: torch.optim.Optimizer | None,
     scheduler: LRScheduler | None,
 ) -> None:
-    """A resumable checkpoint. Under FSDP / DeepSpeed the optimizer moments are shards and are not saved:
-    a resumed run continues with exact data order, weights and schedule, but fresh AdamW moments."""
+    """A resumable checkpoint. Under FSDP2 every process saves its shard of the optimizer moments; under
+    DeepSpeed they are not saved: a resumed run continues with exact data order, weights and schedule, but
+    fresh AdamW moments."""
     accelerator = run.accelerator
-    state = None
-    if optimizer is not None and not is_sharded(accelerator):
+    state = shards = None
+    if optimizer is not None:
         state = {
-            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
         }
+        if is_fsdp2(accelerator):
+            shards = (run.model, unwrapped(optimizer))
+        elif not is_sharded(accelerator):
+            state["optimizer"] = optimizer.state_dict()
     path = save_checkpoint(
         accelerator,
         run.output_dir,
@@ -55,6 +67,7 @@ def save_training_state(
         model=run.model,
         adapter=gathered_adapter(accelerator, run.model),
         optimizer_state=state,
+        optimizer_shards=shards,
         trainer_state=dataclasses.asdict(progress),
         recipe_yaml=dump_recipe(run.recipe),
         training=run.recipe.to_dict(),
@@ -79,6 +92,7 @@ def resume_from(run: Run, point: ResumePoint, progress: Progress) -> ResumeState
 
 def restore_training_state(
     accelerator: Accelerator,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
     optimizer_state: dict | None,
@@ -86,7 +100,17 @@ def restore_training_state(
 ) -> None:
     """Optimizer, LR schedule and grad scaler as checkpointed, then the RNG states (last: nothing may draw after)."""
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state["optimizer"])
+        shards, sharded = optimizer_state.get("optimizer_shards"), is_fsdp2(accelerator)
+        if (shards is not None and not sharded) or (sharded and "optimizer" in optimizer_state):
+            written = "with FSDP2" if shards is not None else "without FSDP2"
+            raise ValueError(
+                f"this checkpoint was written {written}: its optimizer state only resumes under the same kind of "
+                "launch (same accelerate config and number of processes)"
+            )
+        if shards is not None:
+            load_sharded_optimizer(Path(shards), model, unwrapped(optimizer))
+        elif "optimizer" in optimizer_state:
+            optimizer.load_state_dict(optimizer_state["optimizer"])
         scheduler.load_state_dict(optimizer_state["scheduler"])
         if accelerator.scaler is not None and optimizer_state.get("scaler"):
             accelerator.scaler.load_state_dict(optimizer_state["scaler"])

@@ -48,8 +48,9 @@ from mmadapter.train.recipe import ModelSection, Recipe, StageSection, TrainSect
 from mmadapter.train.reporting import tracker_for
 from mmadapter.train.resume import ResumeState, restore_training_state
 from mmadapter.train.schedule import make_scheduler
+from mmadapter.train.sharding import check_deepspeed_launch, enable_fsdp2, is_fsdp2, shard_loss_module
 from mmadapter.train.state import Run
-from mmadapter.train.step import BackwardPerKind, OneBackward, backward_for
+from mmadapter.train.step import BackwardPerKind, ForwardPerKind, OneBackward, backward_for
 from mmadapter.train.streaming import StreamedDataset, load_streamed_data, source_shards
 
 # ---------------------------------------------------------------- a run
@@ -65,12 +66,14 @@ def make_accelerator(recipe: Recipe, output_dir: Path) -> Accelerator:
         notes.append("fp16 mixed precision needs a GPU; training in float32 (bf16 works on CPUs)")
     tracker, note = tracker_for(config.log_with)
     notes += [note] if note else []
+    check_deepspeed_launch(torch.cuda.is_available())
     accelerator = plain_accelerator(
         precision,
         log_with=tracker,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.ddp_find_unused_parameters)],
     )
+    enable_fsdp2(accelerator)
     if accelerator.distributed_type.value == "DEEPSPEED" and any(s.train.grad_accum > 1 for s in recipe.stages):
         raise ValueError("under DeepSpeed set train.grad_accum: 1 and raise train.batch_size instead")
     for note in notes:
@@ -218,7 +221,7 @@ class Schedule:
 class StageSetup:
     """What one stage trains with."""
 
-    route: OneBackward | BackwardPerKind
+    route: OneBackward | BackwardPerKind | ForwardPerKind
     report: dict[str, Any]
     dataset: SupervisedDataset | StreamedDataset
     eval_set: SupervisedDataset | None
@@ -235,14 +238,19 @@ def setup_stage(run: Run, stage: StageSection, resume_state: ResumeState | None)
     (restored last: it sets the RNG, which nothing may draw from afterwards)."""
     accelerator = run.accelerator
     kinds = sample_kinds(stage.data.train, stage.trains)
-    route = backward_for(select_trainable(run.model, kinds))
+    params_by_kind = select_trainable(run.model, kinds)
     set_gradient_checkpointing(run.model, stage.train.gradient_checkpointing)
     report = stage_report(run.model, kinds)
     run.print(format_report(report))
-    if len(kinds) > 1 and accelerator.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU"):
-        raise ValueError(
-            f"stage {stage.name!r}: mixed data kinds need one process or DDP, not {accelerator.distributed_type}"
-        )
+    if len(kinds) > 1 and accelerator.distributed_type.value == "DEEPSPEED":
+        raise ValueError(f"stage {stage.name!r}: mixed data kinds need one process, DDP or FSDP2, not DeepSpeed")
+    sharded = is_fsdp2(accelerator)
+    if sharded:  # the first stage shards the model; its parameters are shards from here on
+        if run.sharded_loss is None:
+            run.sharded_loss = shard_loss_module(accelerator, TokenLoss(run.model))
+            run.print(f"FSDP2: the model is sharded over {accelerator.num_processes} processes")
+        params_by_kind = {kind: list(trainable_parameters(run.model, kind).values()) for kind in kinds}
+    route = backward_for(params_by_kind, sharded=sharded)
     if stage.data.streaming:
         dataset, eval_set, bad = load_streamed_data(run, stage, kinds, pad_token_id(run.tokenizer))
     else:
@@ -257,9 +265,12 @@ def setup_stage(run: Run, stage: StageSection, resume_state: ResumeState | None)
     )
     optimizer, scheduler = make_optimizer(run.model, kinds, stage.train, schedule)
     accelerator.free_memory()
-    loss_module, optimizer = accelerator.prepare(TokenLoss(run.model), optimizer)
+    if sharded:  # the model is sharded already; accelerate's prepare() would shard it again
+        loss_module, optimizer = run.sharded_loss, accelerator.prepare_optimizer(optimizer)
+    else:
+        loss_module, optimizer = accelerator.prepare(TokenLoss(run.model), optimizer)
     if resume_state is not None:
-        restore_training_state(accelerator, optimizer, scheduler, *resume_state)
+        restore_training_state(accelerator, run.model, optimizer, scheduler, *resume_state)
     return StageSetup(route, report, dataset, eval_set, bad, collate, schedule, loss_module, optimizer, scheduler)
 
 

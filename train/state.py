@@ -75,6 +75,8 @@ class Run:
     tokenizer: Any
     output_dir: Path
     on_log: Callable[[dict[str, Any]], None] | None
+    sharded_loss: nn.Module | None = None
+    """Under FSDP2: the loss module around `model`, sharded by the first stage and used by every stage."""
 
     def print(self, *args: Any) -> None:
         """A message from the main process only, above the progress bar."""

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -98,8 +99,9 @@ class StepStats:
 
 
 class OneBackward:
-    """Every sample trains the same parameters: one backward per micro-batch, and DDP averages the
-    gradients over processes in the last micro-batch's backward (the others skip its sync)."""
+    """Every sample trains the same parameters: one backward per micro-batch, and DDP (or FSDP2's
+    reduce-scatter) averages the gradients over processes in the last micro-batch's backward (the
+    others skip its sync)."""
 
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
@@ -108,11 +110,13 @@ class OneBackward:
     def sync(self, accelerator: Accelerator, loss_module: nn.Module, last: bool) -> AbstractContextManager:
         return contextlib.nullcontext() if last else accelerator.no_sync(loss_module)
 
-    def backward(
-        self, accelerator: Accelerator, per_sample: torch.Tensor, kinds: torch.Tensor, counts: torch.Tensor
-    ) -> None:
+    def forward_backward(
+        self, accelerator: Accelerator, forward: Callable[[], torch.Tensor], kinds: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        per_sample = forward()
         # x processes: DDP averages gradients over processes, the loss is a mean over all of them.
         accelerator.backward(per_sample.sum() * accelerator.num_processes / counts[0].clamp(min=1))
+        return per_sample
 
     def finish(self, accelerator: Accelerator, counts: torch.Tensor) -> None:
         """Nothing left to do: DDP has averaged the gradients."""
@@ -131,13 +135,15 @@ class BackwardPerKind:
     def sync(self, accelerator: Accelerator, loss_module: nn.Module, last: bool) -> AbstractContextManager:
         return accelerator.no_sync(loss_module)
 
-    def backward(
-        self, accelerator: Accelerator, per_sample: torch.Tensor, kinds: torch.Tensor, counts: torch.Tensor
-    ) -> None:
+    def forward_backward(
+        self, accelerator: Accelerator, forward: Callable[[], torch.Tensor], kinds: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        per_sample = forward()
         for k, params in enumerate(self.params_by_kind.values()):
             # x processes: the gradients are averaged over processes, the loss is a mean over all of them.
             loss = torch.where(kinds == k, per_sample, 0.0).sum() * accelerator.num_processes / counts[k].clamp(min=1)
             accelerator.backward(loss, inputs=params, retain_graph=k < self.kinds - 1)
+        return per_sample
 
     def finish(self, accelerator: Accelerator, counts: torch.Tensor) -> None:
         """Average over processes (one flat all-reduce). Kinds absent from the whole step get no
@@ -149,36 +155,89 @@ class BackwardPerKind:
             for p in self.params:
                 p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
+        drop_absent_kinds(self.params_by_kind, counts)
+
+
+class ForwardPerKind:
+    """Mixed kinds under FSDP2: backward's `inputs=` cannot name sharded parameters (the graph holds the
+    gathered copies), so every kind present in the step gets its own forward and backward of the
+    micro-batch, and the gradients that backward gave the other kinds' parameters are dropped (their
+    gradients so far are put back). FSDP2 averages over processes in every backward (no `no_sync`: what
+    is put back must be the reduced shard). Costs one forward per kind instead of one."""
+
+    def __init__(self, params_by_kind: dict[str | None, list[nn.Parameter]]) -> None:
+        self.params_by_kind = params_by_kind
+        self.params = [p for params in params_by_kind.values() for p in params]
+        self.kinds = len(params_by_kind)
+
+    def sync(self, accelerator: Accelerator, loss_module: nn.Module, last: bool) -> AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def forward_backward(
+        self, accelerator: Accelerator, forward: Callable[[], torch.Tensor], kinds: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        per_sample = None
         for k, params in enumerate(self.params_by_kind.values()):
-            if counts[k] == 0:
-                for p in params:
-                    p.grad = None
+            if counts[k] == 0:  # the same on every process: counts are over all of them
+                continue
+            mine = {id(p) for p in params}
+            others = [p for p in self.params if id(p) not in mine]
+            kept = [p.grad for p in others]
+            for p in others:
+                p.grad = None
+            per_sample = forward()
+            loss = torch.where(kinds == k, per_sample, 0.0).sum() * accelerator.num_processes / counts[k].clamp(min=1)
+            accelerator.backward(loss)
+            for p, grad in zip(others, kept, strict=True):
+                p.grad = grad
+        if per_sample is None:  # no response tokens anywhere: the losses are for the statistics only
+            with torch.no_grad():
+                per_sample = forward()
+        return per_sample
+
+    def finish(self, accelerator: Accelerator, counts: torch.Tensor) -> None:
+        drop_absent_kinds(self.params_by_kind, counts)
 
 
-def backward_for(params_by_kind: dict[str | None, list[nn.Parameter]]) -> OneBackward | BackwardPerKind:
+def drop_absent_kinds(params_by_kind: dict[str | None, list[nn.Parameter]], counts: torch.Tensor) -> None:
+    """Kinds absent from the whole step get no gradient at all, so AdamW leaves their parameters untouched."""
+    for k, params in enumerate(params_by_kind.values()):
+        if counts[k] == 0:
+            for p in params:
+                p.grad = None
+
+
+def backward_for(
+    params_by_kind: dict[str | None, list[nn.Parameter]], sharded: bool = False
+) -> OneBackward | BackwardPerKind | ForwardPerKind:
     """How a stage's gradients flow: per kind only when the stage mixes kinds of data."""
     if len(params_by_kind) == 1:
         (params,) = params_by_kind.values()
         return OneBackward(params)
-    return BackwardPerKind(params_by_kind)
+    return ForwardPerKind(params_by_kind) if sharded else BackwardPerKind(params_by_kind)
 
 
 def accumulate_gradients(
     accelerator: Accelerator,
     loss_module: nn.Module,
     batches: list[dict[str, Any]],
-    route: OneBackward | BackwardPerKind,
+    route: OneBackward | BackwardPerKind | ForwardPerKind,
 ) -> StepStats:
     """Forward and backward every micro-batch of one step; returns the step's statistics (all processes)."""
     counts, tokens = count_tokens(accelerator, batches, route.kinds)
     per_sample_losses = []
     for i, batch in enumerate(batches):
+        forward = functools.partial(per_sample_loss, loss_module, batch_tensors(batch, accelerator.device))
         with route.sync(accelerator, loss_module, last=i == len(batches) - 1):
-            per_sample = loss_module(**batch_tensors(batch, accelerator.device)).sum(dim=1)
-            route.backward(accelerator, per_sample, batch["kinds"].to(accelerator.device), counts)
+            per_sample = route.forward_backward(accelerator, forward, batch["kinds"].to(accelerator.device), counts)
         per_sample_losses.append(per_sample.detach())
     route.finish(accelerator, counts)
     return step_stats(accelerator, batches, per_sample_losses, counts, tokens)
+
+
+def per_sample_loss(loss_module: nn.Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed token losses of each sample of a micro-batch (B,)."""
+    return loss_module(**tensors).sum(dim=1)
 
 
 def count_tokens(

@@ -18,7 +18,7 @@ from mmadapter.train.loop import TrainingStopped, train
 from mmadapter.train.loss import TokenLoss
 from mmadapter.train.recipe import DataSection, DataSource, load_recipe
 from mmadapter.train.setup import plain_accelerator
-from mmadapter.train.step import BackwardPerKind, accumulate_gradients
+from mmadapter.train.step import BackwardPerKind, ForwardPerKind, accumulate_gradients
 from tests.helpers.tiny_recipe import TINY_ADAPTERS
 from tests.helpers.train_data import COLOURS, alpaca_rows, write_image, write_json, write_jsonl
 
@@ -139,9 +139,10 @@ def test_v2_staged_recipe_trains_each_stage_disjointly(caption_data, tmp_path, t
     assert summary["stage"] == "caption" and summary["parameters"]["stage"] == "caption"
 
 
-def test_mixed_batch_routes_each_kinds_loss_to_its_own_parameters(caption_data, tmp_path, tiny_tokenizer):
-    """One forward over caption and instruction samples; each parameter set gets exactly the gradient of
-    its own samples' loss (computed here separately, plainly)."""
+@pytest.mark.parametrize("route", [BackwardPerKind, ForwardPerKind])
+def test_mixed_batch_routes_each_kinds_loss_to_its_own_parameters(route, caption_data, tmp_path, tiny_tokenizer):
+    """One forward over caption and instruction samples (FSDP2's route: one per kind); each parameter set
+    gets exactly the gradient of its own samples' loss (computed here separately, plainly)."""
     captions, images = caption_data
     model = tiny_model("llama-adapter-v2")
     kinds = ["caption", "instruction"]
@@ -162,7 +163,7 @@ def test_mixed_batch_routes_each_kinds_loss_to_its_own_parameters(caption_data, 
 
     accelerator = plain_accelerator()
     loss_module = TokenLoss(model)
-    accumulate_gradients(accelerator, loss_module, [batch], BackwardPerKind(params))
+    accumulate_gradients(accelerator, loss_module, [batch], route(params))
     got = {kind: [p.grad.clone() for p in params[kind]] for kind in kinds}
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_mask")}
