@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import RESULTS, write_results
+from benchlib import RESULTS, add_device_arguments, chosen_dtype, write_results
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -88,9 +88,7 @@ def timed(served: ServedModel, prompt: list[int], params: SamplingParams, inputs
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller model, fewer tokens and rounds (~1 min on CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: see --clock)")
+    add_device_arguments(parser, "torch CPU threads (default 1: see --clock)")
     parser.add_argument(
         "--clock",
         choices=("auto", "cpu", "wall"),
@@ -103,11 +101,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cpu_clock = args.clock == "cpu" or (args.clock == "auto" and args.device == "cpu" and args.threads == 1)
     clock = time.thread_time if cpu_clock else time.perf_counter
-    dtype = (
-        getattr(torch, args.dtype)
-        if args.dtype
-        else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    )
+    dtype = chosen_dtype(args)
     layers, width, vocab, prompt_length, new_tokens, rounds = (
         (4, 512, 32000, 64, 32, 5) if args.quick else (8, 768, 32000, 128, 96, 7)
     )

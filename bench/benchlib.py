@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,3 +66,17 @@ def saved_for_backward(forward: Callable[[], Any], model: nn.Module) -> tuple[An
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = forward()
     return result, sum(n for pointer, n in saved.items() if pointer not in weights)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, threads_help: str = "torch CPU threads (default 1)") -> None:
+    """--device (CUDA when there is one), --dtype and --threads, as the generation benchmarks take them."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    parser.add_argument("--threads", type=int, default=1, help=threads_help)
+
+
+def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
+    """--dtype, or bfloat16 on CUDA and float32 on CPU."""
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
