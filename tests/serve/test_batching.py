@@ -316,6 +316,14 @@ def test_ptuning_v2_alone_and_beside_other_adapters(folders, tmp_path):
         assert tokens[sequence] == alone_served.engine.generate([request.prompt_ids], params)[0].token_ids, name
     with pytest.raises(ValueError, match="adapter_scale: the model 'prefix' is a P-Tuning v2 adapter"):
         generation_request(mixed, ChatTurn("hi", adapter="prefix", adapter_scale=0.5), ids)
+    worker = GenerationWorker(mixed, max_batch=4)  # what the HTTP server runs: both answered, each as alone
+    try:
+        jobs = [worker.submit(ChatTurn(PROMPTS[1], adapter=name, params=GREEDY)) for name in ("prefix", "lora")]
+        answers = [[t for e in job.events() for t in getattr(e, "token_ids", [])] for job in jobs]
+    finally:
+        assert worker.close()
+    assert answers[0] == reference.engine.generate([jobs[0].prompt_ids], GREEDY)[0].token_ids
+    assert answers[1] == alone_model(folders, "lora").engine.generate([jobs[1].prompt_ids], GREEDY)[0].token_ids
 
 
 def test_lora_routes_on_chatglm(tiny_glm):
