@@ -48,7 +48,13 @@ from mmadapter.train.recipe import ModelSection, Recipe, StageSection, TrainSect
 from mmadapter.train.reporting import tracker_for
 from mmadapter.train.resume import ResumeState, restore_training_state
 from mmadapter.train.schedule import make_scheduler
-from mmadapter.train.sharding import check_deepspeed_launch, enable_fsdp2, is_fsdp2, shard_loss_module
+from mmadapter.train.sharding import (
+    check_deepspeed_launch,
+    enable_fsdp2,
+    is_fsdp2,
+    set_deepspeed_micro_batch,
+    shard_loss_module,
+)
 from mmadapter.train.state import Run
 from mmadapter.train.step import BackwardPerKind, ForwardPerKind, OneBackward, backward_for
 from mmadapter.train.streaming import StreamedDataset, load_streamed_data, source_shards
@@ -268,6 +274,7 @@ def setup_stage(run: Run, stage: StageSection, resume_state: ResumeState | None)
     if sharded:  # the model is sharded already; accelerate's prepare() would shard it again
         loss_module, optimizer = run.sharded_loss, accelerator.prepare_optimizer(optimizer)
     else:
+        set_deepspeed_micro_batch(accelerator, stage.train.batch_size)
         loss_module, optimizer = accelerator.prepare(TokenLoss(run.model), optimizer)
     if resume_state is not None:
         restore_training_state(accelerator, run.model, optimizer, scheduler, *resume_state)

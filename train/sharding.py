@@ -51,6 +51,15 @@ def check_deepspeed_launch(gpu_available: bool) -> None:
         )
 
 
+def set_deepspeed_micro_batch(accelerator: Accelerator, batch_size: int) -> None:
+    """accelerate fills DeepSpeed's "auto" micro-batch from a prepared DataLoader; the loop batches itself,
+    so the stage's train.batch_size goes in (accelerate's own advice)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            config["train_micro_batch_size_per_gpu"] = batch_size
+
+
 def enable_fsdp2(accelerator: Accelerator) -> None:
     """Make an FSDP launch FSDP2 on every device (see the module docstring); refuse FSDP1."""
     state = accelerator.state

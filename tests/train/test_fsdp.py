@@ -2,9 +2,9 @@
 with SIGKILL resumes from its sharded checkpoint to the adapter of an uninterrupted run.
 
 Every method trains in one launch (start-up dominates: ~30 s a launch on a shared CPU). The launch sets the
-variables `accelerate launch` derives from assets/accelerate/fsdp2-8gpu-65b.yaml (FSDP2, decoder layers
-wrapped, resharded after forward, rank 0 loading the weights); accelerate keeps FSDP for GPUs, and
-mmadapter.train.sharding turns it on for CPUs (the module docstring says why).
+variables `accelerate launch` derives from assets/accelerate/fsdp2-8gpu-65b.yaml (test_accelerate_configs
+checks that they agree): FSDP2, decoder layers wrapped, resharded after forward, rank 0 loading the weights.
+accelerate keeps FSDP for GPUs, and mmadapter.train.sharding turns it on for CPUs (its docstring says why).
 
 Tolerance as tests/train/test_distributed.py (rtol 1e-4, atol 5e-5, Adam eps 1e-6 where a near-zero
 gradient's rounding would otherwise show): FSDP2's reduce-scatter sums gradients in another order than
@@ -36,11 +36,11 @@ FSDP2_ENV = {
     "ACCELERATE_USE_FSDP": "true",
     "FSDP_VERSION": "2",
     "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-    "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
     "FSDP_RESHARD_AFTER_FORWARD": "true",
     "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
     "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
     "FSDP_OFFLOAD_PARAMS": "false",
+    "FSDP_ACTIVATION_CHECKPOINTING": "false",
 }
 
 
