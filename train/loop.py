@@ -15,7 +15,9 @@ Decisions worth knowing:
   batch 4 x 2 accumulation steps). The official code averages per micro-batch, which is the same
   when all samples are equally long.
 - Mixed runs (e.g. caption and instruction data in one stage): each sample updates only the
-  parameters of its own kind (step.py `BackwardPerKind`).
+  parameters of its own kind (step.py `BackwardPerKind`; under FSDP2 `ForwardPerKind`).
+- FSDP2 (sharding.py): the model is sharded once per run by the first stage; checkpoints then hold
+  every process's shard of the optimizer state.
 - Exact resume: batch order is a function of (seed, epoch) (batching.py), checkpoints hold the
   optimizer, scheduler, grad scaler, every process's RNG state and the data position, and the
   DataLoader gets its own generator so creating one never draws from the global RNG.

@@ -15,6 +15,7 @@ clipping) runs on CPUs as on GPUs; that is what the 2-process CPU tests exercise
 from __future__ import annotations
 
 import os
+import warnings
 
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (
@@ -95,4 +96,6 @@ def shard_loss_module(accelerator: Accelerator, loss_module: nn.Module) -> nn.Mo
     plugin = accelerator.state.fsdp_plugin
     if plugin.transformer_cls_names_to_wrap is None:  # the backbone's own decoder layer class
         plugin.transformer_cls_names_to_wrap = list(getattr(loss_module.model, "_no_split_modules", None) or [])
+    # TokenLoss returns its per-token losses as a view; they are only ever summed out of place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTokenLoss\) returned a view tensor")
     return fsdp2_prepare_model(accelerator, loss_module)
