@@ -25,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from mmadapter.cli.main import main
 from mmadapter.train.loop import train
 from mmadapter.train.recipe import parse_recipe
 from tests.helpers.train_data import COLOURS, alpaca_rows, write_image, write_json, write_jsonl
@@ -113,7 +114,7 @@ def test_fsdp2_two_processes_match_one_process(make_recipe, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_resume_after_sigkill_matches_an_uninterrupted_run(make_recipe, tmp_path):
+def test_fsdp2_resume_after_sigkill_matches_an_uninterrupted_run(make_recipe, tmp_path, capsys):
     # LoRA with dropout and weight decay: the sharded AdamW moments, the schedule and every process's RNG
     # must all come back for the resumed run to end bit for bit where the uninterrupted one ends.
     document = make_recipe(
@@ -153,3 +154,8 @@ def test_fsdp2_resume_after_sigkill_matches_an_uninterrupted_run(make_recipe, tm
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
     assert history(straight) == history(killed)
+
+    # Sharded optimizer state resumes only under the same kind of launch: one plain process says so.
+    capsys.readouterr()
+    assert main(["train", "--resume", str(checkpoints / "ckpt-0000004")]) == 2
+    assert "written with FSDP2" in capsys.readouterr().err
