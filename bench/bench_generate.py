@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import RESULTS, add_device_arguments, chosen_dtype, write_results
+from benchlib import RESULTS, Table, add_device_arguments, chosen_dtype, write_results
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -29,6 +29,12 @@ from mmadapter.adapters.backbones.presets import llama_config
 from mmadapter.serve.chat import visual_inputs
 from mmadapter.serve.loader import ServedModel, merge_for_serving
 from mmadapter.serve.sampling import SamplingParams
+
+LABELS = {
+    "llama-adapter-v1": "LLaMA-Adapter V1",
+    "llama-adapter-v2 (merged)": "LLaMA-Adapter V2 (merged)",
+    "lora r=16 (merged)": "LoRA r=16 (merged)",
+}
 
 
 def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
@@ -138,11 +144,11 @@ def main() -> None:
     print(
         f"prompt {prompt_length} tokens, {new_tokens} new tokens greedy, median of {rounds} interleaved runs ({clock_name})"
     )
-    print(f"{'model':<28} {'tokens/s':>9} {'ms/token':>9} {'x base':>7}")
+    table = Table(["model", "tokens/s", "ms/token", "× base"])
     for row in rows:
-        print(
-            f"{row['model']:<28} {row['tokens_per_s']:>9.1f} {row['ms_per_token']:>9.2f} {row['ratio_to_base']:>7.3f}"
-        )
+        label = LABELS.get(row["model"], row["model"])
+        table.add(label, f"{row['tokens_per_s']:.1f}", f"{row['ms_per_token']:.2f}", f"{row['ratio_to_base']:.3f}")
+    table.print()
     lowest = min(row["ratio_to_base"] for row in rows)
     print(f"target: every adapter >= 0.95x base -> {'met' if lowest >= 0.95 else 'NOT met'} (lowest {lowest:.3f})")
     report = {
@@ -161,7 +167,7 @@ def main() -> None:
         "results": rows,
         "all_runs_tokens_per_s": speeds,
     }
-    write_results(report, args.out)
+    write_results(report, args.out, {"tokens": table})
 
 
 if __name__ == "__main__":
