@@ -37,7 +37,7 @@ from mmadapter.cli.demo import evaluation as demo_eval
 from mmadapter.cli.demo import world
 from mmadapter.cli.demo.assets import ASSETS_DIR, LANGUAGE_MODEL_DIR, VISION_TOWER_DIR
 from mmadapter.cli.demo.data import write_demo_data
-from mmadapter.cli.demo.report import plot_accuracy, write_model_card
+from mmadapter.cli.demo.report import plot_accuracy, results_document, write_model_card
 from mmadapter.cli.demo.world import ATTRIBUTES
 from mmadapter.core.templates import get_template
 from mmadapter.serve.loader import ServedModel, merge_for_serving
@@ -52,6 +52,8 @@ WORLD_SEED_OFFSET = 7
 TEMPLATE = "alpaca"
 #: Example conversations printed at the end (and offered in the web UI).
 NUM_EXAMPLES = 4
+#: The run's accuracy and time tables, in the layout of bench/results/ (the committed demo.json is one).
+RESULTS_FILE = "results.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +72,14 @@ SCALES = {
         train_images=1500, heldout_images=200, questions_per_image=3, caption_steps=1250, instruction_steps=800
     ),
     "quick": DemoScale(
-        train_images=600, heldout_images=60, questions_per_image=3, caption_steps=600, instruction_steps=400
+        train_images=600, heldout_images=60, questions_per_image=3, caption_steps=400, instruction_steps=200
     ),
 }
-#: Copies of the text-only instruction set in the instruction stage (about an eighth of its samples).
-INSTRUCTION_REPEATS = 16
+#: Copies of the text-only instruction set in the instruction stage (about a tenth of its samples).
+INSTRUCTION_REPEATS = 24
+#: Copies of each single-shape scene in the caption and question files: only they show a position, and
+#: at their natural third of the images the caption stage leaves position half learned (docs/demo.md).
+POSITION_REPEATS = 3
 
 
 @dataclasses.dataclass
@@ -97,6 +102,19 @@ class Clock:
     def __init__(self) -> None:
         self.wall_start = time.time() - _process_age()
         self.cpu_start = 0.0
+        self.marks: list[tuple[str, float, float]] = [("start-up", 0.0, 0.0)]
+        """(what, wall, cpu) when each of the demo's steps began."""
+
+    def mark(self, what: str) -> None:
+        self.marks.append((what, self.wall(), self.cpu()))
+
+    def steps(self) -> dict[str, dict[str, float]]:
+        """Wall and CPU seconds of each step so far (start-up: imports and process start)."""
+        ends = [*self.marks[1:], ("", self.wall(), self.cpu())]
+        return {
+            what: {"wall_seconds": round(end[1] - wall, 1), "cpu_seconds": round(end[2] - cpu, 1)}
+            for (what, wall, cpu), end in zip(self.marks, ends, strict=True)
+        }
 
     def wall(self) -> float:
         return time.time() - self.wall_start
@@ -139,6 +157,7 @@ def say(message: str = "") -> None:
 
 
 def heading(clock: Clock, number: int, text: str) -> None:
+    clock.mark(f"{number}. {text}")
     say(f"\n[{number}/7] {text}  (t = {clock.wall():.0f} s)")
 
 
@@ -249,6 +268,7 @@ def run_demo(options: DemoOptions) -> int:
         image_size=64,
         questions_per_image=scale.questions_per_image,
         instruction_repeats=INSTRUCTION_REPEATS,
+        position_repeats=POSITION_REPEATS,
         seed=world_seed,
     )
     say(
@@ -326,13 +346,22 @@ def run_demo(options: DemoOptions) -> int:
         shutil.copyfile(result.adapter_dir / "loss_curve.png", output / "loss_curves.png")
     metrics["wall_time_seconds"] = round(clock.wall(), 1)
     metrics["cpu_time_seconds"] = round(clock.cpu(), 1)
+    metrics["steps"] = clock.steps()
+    metrics["stages"] = [
+        {key: stage[key] for key in ("stage", "steps", "wall_time_seconds") if key in stage}
+        for stage in result.summary.get("stages", [])
+    ]
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    command = "mmadapter demo" + (" --quick" if options.quick else "") + (" (custom scale)" if options.scale else "")
+    (output / RESULTS_FILE).write_text(json.dumps(results_document(metrics, command), indent=1) + "\n")
     write_model_card(output, metrics, assets, result.summary)
     say(
         f"metrics: {output / 'metrics.json'}; loss curves: {output / 'loss_curves.png'}; model card: "
         f"{output / 'README.md'}"
     )
     say(f"\ndone in {metrics['wall_time_seconds']:.0f} s wall ({metrics['cpu_time_seconds']:.0f} s CPU)")
+    for what, seconds in metrics["steps"].items():
+        say(f"  {what:<72}{seconds['wall_seconds']:>7.0f} s wall {seconds['cpu_seconds']:>6.0f} s CPU")
     say(chat_instructions(assets, result.adapter_dir, examples_dir))
     if options.print_json:
         print(json.dumps(metrics, indent=2))

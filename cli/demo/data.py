@@ -4,6 +4,8 @@ The demo trains through the same loop as any recipe, so its world becomes ordina
 PNG images, `captions.jsonl` (caption-jsonl: {image, caption}), `vqa.json` (conversation: one
 question about one image per row) and `instructions.json` (alpaca: the text-only set). Images
 are only rendered for the training split; held-out images are written separately for evaluation.
+Single-shape scenes appear several times in the caption and question files (`weighted_scenes`):
+only they show a position, so at their natural share (a third) position is learned last and least.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def write_images(scenes: Sequence[world.Scene], folder: Path, image_size: int, d
     return paths
 
 
+def weighted_scenes(scenes: Sequence[world.Scene], position_repeats: int) -> list[world.Scene]:
+    """Each single-shape scene `position_repeats` times, in place: the training files' share of position."""
+    return [scene for scene in scenes for _ in range(position_repeats if scene.position else 1)]
+
+
 def vqa_rows(scenes: Sequence[world.Scene], questions_per_image: int, seed: int) -> list[dict]:
     """Conversation rows: `questions_per_image` different questions (and their answers) per image."""
     rng = random.Random(seed)
@@ -77,18 +84,20 @@ def write_demo_data(
     image_size: int,
     questions_per_image: int,
     instruction_repeats: int,
+    position_repeats: int,
     seed: int,
 ) -> DemoData:
     """All files the demo's recipe reads, under `folder` (relative image paths, so the folder can move)."""
     folder.mkdir(parents=True, exist_ok=True)
     train_images = write_images(train, folder / "images", image_size, "render training images")
     heldout_images = write_images(heldout, folder / "heldout", image_size, "render held-out images")
+    weighted = weighted_scenes(train, position_repeats)
     captions = folder / CAPTIONS_FILE
     captions.write_text(
-        "".join(json.dumps({"image": f"images/{image_name(s)}", "caption": world.caption(s)}) + "\n" for s in train)
+        "".join(json.dumps({"image": f"images/{image_name(s)}", "caption": world.caption(s)}) + "\n" for s in weighted)
     )
     vqa = folder / VQA_FILE
-    vqa.write_text(json.dumps(vqa_rows(train, questions_per_image, seed), indent=0))
+    vqa.write_text(json.dumps(vqa_rows(weighted, questions_per_image, seed), indent=0))
     instructions = folder / INSTRUCTIONS_FILE
     rows = [{"instruction": i, "input": "", "output": r} for i, r in world.instructions()] * instruction_repeats
     instructions.write_text(json.dumps(rows, indent=0))

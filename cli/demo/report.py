@@ -1,10 +1,15 @@
-"""What the demo leaves behind for people: an accuracy chart and a model card (README.md)."""
+"""What the demo leaves behind for people: an accuracy chart, a model card (README.md) and its figures as tables."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from mmadapter.cli.demo.world import ATTRIBUTES
 
@@ -38,17 +43,67 @@ def plot_accuracy(untrained: dict[str, Any], trained: dict[str, Any], path: Path
     return None
 
 
-def _accuracy_rows(untrained: dict[str, Any], trained: dict[str, Any]) -> list[str]:
-    rows = ["| attribute | untrained (captions) | trained (captions) | untrained (answers) | trained (answers) |"]
-    rows.append("| --- | ---: | ---: | ---: | ---: |")
+#: Columns of the accuracy table (model card, `results.json`, bench/results/demo.json, the README).
+ACCURACY_COLUMNS = (
+    "held-out accuracy",
+    "untrained (captions)",
+    "trained (captions)",
+    "untrained (answers)",
+    "trained (answers)",
+)
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f} %"
+
+
+def accuracy_table(untrained: dict[str, Any], trained: dict[str, Any]) -> dict[str, list]:
+    """Held-out accuracy per attribute as {"columns", "rows"} of strings: the layout the docs render from JSON."""
+    rows = []
     for attribute in ATTRIBUTES:
-        cells = []
-        for kind in ("caption", "answer"):
-            for result in (untrained, trained):
-                value = result[kind].get(attribute)
-                cells.append("" if value is None else f"{value:.1%}")
-        rows.append(f"| {attribute} | " + " | ".join(cells) + " |")
-    return rows
+        label = "position (single shapes)" if attribute == "position" else attribute
+        cells = [
+            _percent(result[kind].get(attribute)) for kind in ("caption", "answer") for result in (untrained, trained)
+        ]
+        rows.append([label, *cells])
+    return {"columns": list(ACCURACY_COLUMNS), "rows": rows}
+
+
+def time_table(steps: dict[str, dict[str, float]]) -> dict[str, list]:
+    """Wall and CPU seconds of each step of the demo, and their total."""
+    rows = [[what, f"{t['wall_seconds']:.0f}", f"{t['cpu_seconds']:.0f}"] for what, t in steps.items()]
+    total = [sum(t[key] for t in steps.values()) for key in ("wall_seconds", "cpu_seconds")]
+    rows.append(["total", f"{total[0]:.0f}", f"{total[1]:.0f}"])
+    return {"columns": ["step", "wall s", "CPU s"], "rows": rows}
+
+
+def markdown_table(table: dict[str, list]) -> list[str]:
+    """A table as markdown lines: the first column left-aligned, the others right-aligned."""
+    columns = table["columns"]
+    lines = ["| " + " | ".join(columns) + " |", "| --- |" + " ---: |" * (len(columns) - 1)]
+    return lines + ["| " + " | ".join(row) + " |" for row in table["rows"]]
+
+
+def results_document(metrics: dict[str, Any], command: str) -> dict[str, Any]:
+    """The run's figures in bench/results' layout ({"tables": …}), to commit as bench/results/demo.json."""
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": command,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": metrics["threads"],
+            "load_average_at_end": [round(load, 2) for load in os.getloadavg()],
+        },
+        "scale": metrics["scale"],
+        "wall_time_seconds": metrics["wall_time_seconds"],
+        "cpu_time_seconds": metrics["cpu_time_seconds"],
+        "tables": {
+            "accuracy": accuracy_table(metrics["untrained"], metrics["trained"]),
+            "time": time_table(metrics["steps"]),
+        },
+    }
 
 
 def write_model_card(output: Path, metrics: dict[str, Any], assets: Path, summary: dict[str, Any]) -> Path:
@@ -90,7 +145,7 @@ def write_model_card(output: Path, metrics: dict[str, Any], assets: Path, summar
             "How often a generated caption or answer names the attribute correctly "
             "(greedy decoding, attributes read from the words):",
             "",
-            *_accuracy_rows(metrics["untrained"], metrics["trained"]),
+            *markdown_table(accuracy_table(metrics["untrained"], metrics["trained"])),
             "",
             "## Adapter settings",
             "",
@@ -109,6 +164,7 @@ def write_model_card(output: Path, metrics: dict[str, Any], assets: Path, summar
             "",
             "- `adapter/`: the adapter (`adapter_model.safetensors`, `mmadapter_config.json`), training summary",
             "- `metrics.json`: held-out accuracy before and after training, timings, example conversations",
+            "- `results.json`: the accuracy and time tables (the layout of the repository's bench/results/demo.json)",
             "- `loss_curves.png`, `accuracy.png`: training loss per stage; accuracy before/after",
             "- `examples/`: held-out example images with questions (the web UI's examples)",
             "- `data/`: the generated training files; `clip-cache/`: cached CLIP features",
