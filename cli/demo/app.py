@@ -72,7 +72,7 @@ SCALES = {
         train_images=1500, heldout_images=200, questions_per_image=3, caption_steps=1250, instruction_steps=800
     ),
     "quick": DemoScale(
-        train_images=600, heldout_images=60, questions_per_image=3, caption_steps=400, instruction_steps=200
+        train_images=600, heldout_images=60, questions_per_image=3, caption_steps=220, instruction_steps=110
     ),
 }
 #: Copies of the text-only instruction set in the instruction stage (about a tenth of its samples).
