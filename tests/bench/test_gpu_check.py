@@ -21,16 +21,20 @@ def test_the_dry_run_measures_every_part(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     document = json.loads(out.read_text())
-    for part in ("gpu_tests", "matmul", "train", "generate", "clip_cache"):
+    parts = ("gpu_tests", "quantized_7b", "serve", "matmul", "train", "generate", "clip_cache", "deepspeed")
+    for part in parts:
         assert document[part]["status"] == "ok", (part, document[part])
-    assert "selected" in document["gpu_tests"]["summary"] or "collected" in document["gpu_tests"]["summary"]
+    for part in ("gpu_tests", "deepspeed"):
+        assert "collected" in document[part]["summary"], document[part]
+    assert document["serve"]["command_ok"]
+    quantized = {name: row for name, row in document["quantized_7b"].items() if isinstance(row, dict)}
+    assert len(quantized) == 4 and all(row["step_s"] > 0 for row in quantized.values())
     methods = {"llama-adapter-v1", "llama-adapter-v2", "lora", "ptuning-v2"}
     train = {name: row for name, row in document["train"].items() if isinstance(row, dict)}
     assert set(train) == methods
     assert all(row["step_s"] > 0 and row["tflops"] > 0 and row["trainable"] > 0 for row in train.values())
     generate = {name: row for name, row in document["generate"].items() if isinstance(row, dict)}
     assert set(generate) == methods | {"base"} and generate["base"]["ratio_batch1"] == 1.0
-    assert document["skipped"]["quantized_v2_step"]
     assert "bf16 TFLOP/s" in result.stdout  # the table
 
 
