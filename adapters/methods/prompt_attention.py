@@ -184,7 +184,8 @@ def gated_prompt_output(
     keys, values = keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)  # views, no copies
     # No mask: every query sees all K prompt slots. The fused kernel accumulates the softmax in float32.
     output = F.scaled_dot_product_attention(grouped, keys, values, scale=attention.scaling)
-    output = output.view(batch, num_heads, length, head_dim)
+    # reshape, not view: CUDA's fused kernels return (B, T, H, d) memory behind the (B, H, T, d) shape.
+    output = output.reshape(batch, num_heads, length, head_dim)
     gate = attention.adapter_gate.tanh() if prompt_state(attention).gate_tanh else attention.adapter_gate
     value = current_strength()
     gate = gate if value == 1.0 else value * gate.float()  # a request's adapter_scale (routing)

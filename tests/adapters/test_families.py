@@ -352,3 +352,24 @@ def test_a_key_norm_over_the_whole_projection_is_refused():
     )  # fmt: skip
     with pytest.raises(ValueError, match="model_type 'olmo2': llama-adapter-v1 needs a per-head k_norm"):
         attach_adapter(Olmo2ForCausalLM(config), make_config("llama-adapter-v1", adapted_layers=1))
+
+
+CPU_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def sdpa_in_the_cuda_layout(*args, **kwargs) -> torch.Tensor:
+    """The CPU kernel's values in the memory layout of CUDA's flash and efficient kernels: (B, T, H, d) storage
+    behind the (B, H, T, d) shape, which `.view` to another head grouping cannot take (found on an H200)."""
+    return CPU_SDPA(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_attention_takes_the_attention_output_in_any_memory_layout(loaded, family, monkeypatch):
+    model = adapted(loaded, family, "llama-adapter-v1")
+    perturb_adapter(model)
+    ids, mask = left_padded()
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa_in_the_cuda_layout)
+        actual = model(ids, attention_mask=mask).logits
+    assert torch.equal(actual, expected)
