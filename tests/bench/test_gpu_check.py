@@ -35,7 +35,13 @@ def test_the_dry_run_measures_every_part(tmp_path):
     assert all(row["step_s"] > 0 and row["tflops"] > 0 and row["trainable"] > 0 for row in train.values())
     generate = {name: row for name, row in document["generate"].items() if isinstance(row, dict)}
     assert set(generate) == methods | {"base"} and generate["base"]["ratio_batch1"] == 1.0
-    assert "bf16 TFLOP/s" in result.stdout  # the table
+    assert [len(document["tables"][name]["rows"]) for name in ("quantized_7b", "train", "generate")] == [4, 4, 5]
+    assert "[train]" in result.stdout  # the tables are printed too
+
+    # --render rebuilds the same tables from the JSON alone (what a lease brings back)
+    out.write_text(json.dumps({k: v for k, v in document.items() if k != "tables"}))
+    subprocess.run([sys.executable, str(SCRIPT), "--render", str(out)], capture_output=True, check=True, timeout=120)
+    assert json.loads(out.read_text())["tables"] == document["tables"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
