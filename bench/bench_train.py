@@ -18,6 +18,12 @@ norms; the visual prompt from cached CLIP features) at the 7B shape on the meta 
 
     python bench/bench_train.py [--quick] [--out bench/results/train.json]
     python bench/bench_train.py --memory-7b [--batch 4 --seq 512]   # the second table alone (seconds)
+    python bench/bench_train.py --head [--quick]   # the output head on supervised positions vs all (a minute)
+
+`--head` compares the training loss as it runs (TokenLoss: the output head and cross-entropy only at the
+positions some row is supervised at) with the same loss over every position, on an instruction batch whose
+prompts are three quarters of each sequence, at LLaMA-2's and Llama 3's vocabulary sizes: step time (one
+thread, CPU time, interleaved rounds) and the accounted activations of the step.
 """
 
 from __future__ import annotations
@@ -207,6 +213,40 @@ def memory_7b_table(batch: int, seq: int) -> tuple[dict, Table]:
     }, table
 
 
+def head_table(quick: bool) -> tuple[dict, Table]:
+    """Supervised positions only vs every position, side by side on the same LoRA model and batch."""
+    torch.set_num_threads(1)
+    batch_size, seq, width, layers, rounds = (2, 128, 128, 2, 3) if quick else (2, 512, 256, 4, 5)
+    prompt = seq * 3 // 4
+    rows, table = {}, Table(["vocabulary", "logits at", "step s", "× all", "activations MiB", "× all"])
+    for vocab in (32000, 128256):
+        torch.manual_seed(0)
+        base = build_base_model(llama_config(width, layers, width // 64, vocab=vocab)).requires_grad_(False)
+        model, optimizer = build(base, method_configs(layers)["lora"])
+        ids = torch.randint(3, vocab, (batch_size, seq))
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        variants = {"supervised positions": TokenLoss(model), "all positions": TokenLoss(model)}
+        variants["all positions"].keeps_logits = False
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        saved = {name: saved_for_backward(lambda m=m, b=batch: m(**b).sum(), model)[1] for name, m in variants.items()}
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(rounds):
+            for name, loss_module in variants.items():
+                times[name].append(timed_step(loss_module, optimizer, batch, "cpu"))
+        for name in variants:
+            step = statistics.median(times[name])
+            ratio = step / statistics.median(times["all positions"])
+            rows[f"{vocab} {name}"] = {"vocab": vocab, "step_s": step, "step_ratio": ratio, "activations": saved[name]}
+            table.add(f"{vocab:,}", name, f"{step:.3f}", f"{ratio:.2f}", f"{saved[name] / 2**20:.1f}",
+                      f"{saved[name] / saved['all positions']:.2f}")  # fmt: skip
+    print(f"\nOutput head: LoRA r=8 on LLaMA {layers} x {width}, batch {batch_size} x {seq} (prompt {prompt} tokens):")
+    table.print()
+    setup = {"layers": layers, "width": width, "batch": batch_size, "seq": seq, "prompt_tokens": prompt}
+    return {"setup": setup, "rounds": rounds, "results": rows}, table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller model, fewer steps (seconds)")
@@ -216,9 +256,16 @@ def main() -> None:
         help="JSON (default bench/results/train.json, with --memory-7b bench/results/train_memory_7b.json)",
     )
     parser.add_argument("--memory-7b", action="store_true", help="only the accounted 7B V2 step (seconds)")
+    parser.add_argument("--head", action="store_true", help="only the output head on supervised positions vs all")
     parser.add_argument("--batch", type=int, default=4, help="7B V2 step: sequences (released: 4 per GPU)")
     parser.add_argument("--seq", type=int, default=512, help="7B V2 step: tokens per sequence (released: 512)")
     args = parser.parse_args()
+    if args.head:
+        document, printed = head_table(args.quick)
+        document = {"benchmark": "train_head", "date": date.today().isoformat(), **document}
+        document["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": 1}
+        write_results(document, args.out or RESULTS / "train_head.json", {"head": printed})
+        return
     memory_7b, memory_7b_printed = memory_7b_table(args.batch, args.seq)
     if args.memory_7b:
         document = {"benchmark": "train_memory_7b", "date": date.today().isoformat(), **memory_7b}

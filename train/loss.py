@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -23,20 +24,28 @@ TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "clip_fe
 class TokenLoss(nn.Module):
     """Model forward + per-token next-token loss, in one module so DDP/FSDP see a single forward.
 
-    Positions whose label is IGNORE_INDEX (prompt, padding) come out exactly 0.
+    Positions whose label is IGNORE_INDEX (prompt, padding) come out exactly 0. The output head runs only
+    on the positions some row of the batch is supervised at (transformers' `logits_to_keep` with indices):
+    prompts are most of a sequence, and a 128k vocabulary's logits over all of them would be the largest
+    tensor of the step.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.keeps_logits = takes_logits_to_keep(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, **images):
-        logits = self.model(**model_inputs(self.model, input_ids, attention_mask, images)).logits
+        inputs = model_inputs(self.model, input_ids, attention_mask, images)
         shifted = labels[:, 1:]
-        losses = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        return losses.view_as(shifted)
+        if not self.keeps_logits:
+            logits = self.model(**inputs).logits[:, :-1]
+            return token_losses(logits, shifted)
+        # The logits at position t predict label t + 1.
+        columns = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        logits = self.model(**inputs, logits_to_keep=columns).logits
+        losses = torch.zeros(shifted.shape, dtype=torch.float32, device=logits.device)
+        return losses.index_copy(1, columns, token_losses(logits, shifted[:, columns]))
 
     # FSDP2 (accelerate's fsdp2_prepare_model) shards the embeddings and the head as groups of their own.
     def get_input_embeddings(self) -> nn.Module:
@@ -44,6 +53,20 @@ class TokenLoss(nn.Module):
 
     def get_output_embeddings(self) -> nn.Module | None:
         return self.model.get_output_embeddings()
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) next-token losses in float32; exactly 0 where the target is IGNORE_INDEX."""
+    losses = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses.view_as(targets)
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward (under peft's wrapper, the base model's) takes `logits_to_keep`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def batch_tensors(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
