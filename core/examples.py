@@ -11,6 +11,15 @@ class DataError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageBytes:
+    """An image stored inside a data shard (a WebDataset-style tar member) rather than as a file of its own."""
+
+    name: str
+    """Where it is, for errors: `shard.tar[000012.jpg]`."""
+    data: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class Example:
     """One training sample before tokenization."""
 
@@ -20,7 +29,7 @@ class Example:
     """(user message, assistant reply) pairs; one pair for single-turn data."""
     input: str = ""
     """Alpaca's optional input of a single-turn instruction."""
-    image: Path | None = None
+    image: Path | ImageBytes | None = None
     caption: bool = False
     """A caption sample: rendered with the caption instruction, trains the caption stage in mixed runs."""
     system: str = ""

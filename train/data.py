@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mmadapter.core.chat_templates import CHAT, chat_template_of
 from mmadapter.core.encoding import IGNORE_INDEX, Encoded, encode
-from mmadapter.core.examples import DataError, Example
+from mmadapter.core.examples import DataError, Example, ImageBytes
 from mmadapter.core.templates import Template, concrete_template_name, resolve_template
 from mmadapter.train.chatglm_data import ChatGLMDataConfig, ChatGLMRow, build_training_example, training_prompt
 from mmadapter.train.readers import BadSample, read_examples
@@ -31,7 +31,7 @@ from mmadapter.train.recipe import DataSection, DataSource, Recipe
 from mmadapter.vision.images import ImageLoadError, check_image_header
 
 #: image path -> model inputs for that image, e.g. {"pixel_values": (3, H, W)}; raises ValueError/OSError.
-ImageLoader = Callable[[Path], dict[str, torch.Tensor]]
+ImageLoader = Callable[[Path | ImageBytes], dict[str, torch.Tensor]]
 #: example -> Encoded; raises DataError for an unusable example.
 Encoder = Callable[[Example], Encoded]
 
@@ -94,7 +94,7 @@ class Sample:
     source: str
     input_ids: list[int]
     labels: list[int]
-    image: Path | None
+    image: Path | ImageBytes | None
     kind: int
     """Index into the dataset's `kinds`: which adapter stage's parameters this sample updates."""
 

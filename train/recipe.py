@@ -98,7 +98,7 @@ class DataSection:
     streaming: Bool = False
     """Read the training sources while training runs, tokenizing on the fly, instead of all before the first
     step: for data that does not fit in memory. A source's path may then be a folder of shards or a glob
-    (*.jsonl, *.json, *.parquet). Needs train.max_steps. See "Streaming data" in data-formats.md."""
+    (*.jsonl, *.json, *.parquet, or WebDataset-style *.tar of image + caption). Needs train.max_steps. See "Streaming data" in data-formats.md."""
     shuffle_window: Int = 10000
     """Streaming: usable rows shuffled together (in stream order otherwise); memory holds one window."""
     clip_cache: str | None = None
@@ -317,6 +317,12 @@ def _validate(recipe: Recipe, implicit_stage: bool) -> None:
             raise ValueError(f"{key}data.train: no training data (a list of {{format, path}} sources)")
         if data.streaming:
             _check_streaming(key, train, data)
+        for j, source in enumerate(data.train):
+            if not data.streaming and source.path.endswith(".tar"):
+                raise ValueError(
+                    f"{key}data.train.{j}.path: {source.path} is a tar shard, which is read only when streaming; "
+                    "set data.streaming: true (and train.max_steps)"
+                )
         if train.epochs is None and train.max_steps is None:
             raise ValueError(f"{key}train: set epochs or max_steps")
         if train.lr is None and train.base_lr is None:

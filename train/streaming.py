@@ -2,8 +2,9 @@
 
 For data that does not fit in memory (caption pretraining on millions of image-text pairs). A source's
 `path` is a file, a folder of shards or a glob; shards are JSON/JSONL files (read with the in-memory
-path's readers, one shard in memory at a time) or Parquet files (read a record batch at a time, rows
-parsed by the same row parsers). The main process reads and validates rows; tokenizing and image
+path's readers, one shard in memory at a time), Parquet files (read a record batch at a time, rows
+parsed by the same row parsers) or WebDataset-style tar files of image + caption samples (read member by
+member; what img2dataset writes for LAION or CC3M: `000012.jpg` beside `000012.txt` and/or `000012.json`). The main process reads and validates rows; tokenizing and image
 decoding happen in DataLoader workers (`data.num_workers`; 0 does it in the main process), with the
 in-memory path's encoder and image loading.
 
@@ -23,6 +24,9 @@ or fails the run when read; one that does not encode, or whose image does not lo
 its batch in the worker and counted by the step like an unreadable image (step.py `check_step`);
 `data.max_bad_fraction` applies per shard.
 
+The tar reader is the standard library's `tarfile` (in stream mode) rather than the `webdataset` package: a
+sample's row index is its data position, so exact resume and the bad-sample policy work as for other shards.
+
 Hugging Face `datasets` streaming is not used: its JSON reader fails a block of a shard at a malformed line
 without naming the line, and its shuffle buffer is refilled rather than restored on resume, so neither the
 bad-sample policy nor exact resume would hold.
@@ -33,6 +37,8 @@ from __future__ import annotations
 import dataclasses
 import glob
 import itertools
+import json
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +47,7 @@ from typing import Any
 import torch
 
 from mmadapter.core.encoding import IGNORE_INDEX
-from mmadapter.core.examples import DataError, Example
+from mmadapter.core.examples import DataError, Example, ImageBytes, check_encodable
 from mmadapter.train.batching import epoch_batches, process_batches
 from mmadapter.train.data import (
     BadSampleLog,
@@ -59,7 +65,9 @@ from mmadapter.train.readers import ROW_PARSERS, BadSample, ImageRoot, read_exam
 from mmadapter.train.recipe import DataSection, DataSource, StageSection
 from mmadapter.train.state import Progress, Run
 
-SHARD_SUFFIXES = (".jsonl", ".json", ".parquet")
+SHARD_SUFFIXES = (".jsonl", ".json", ".parquet", ".tar")
+#: Extensions of a tar sample's image member (WebDataset names them by format).
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 #: Mixed into the batching seed of window w > 0 (window 0 keeps the in-memory path's seed).
 WINDOW_SEED_STRIDE = 1_000_000_007
 PARQUET_BATCH_ROWS = 1024
@@ -224,9 +232,12 @@ class StreamedDataset(torch.utils.data.Dataset):
 
 
 def read_shard(source: DataSource, path: Path, skip: int) -> Iterator[Example | BadSample]:
-    """A shard's rows from row `skip` on: JSON/JSONL by the in-memory readers, Parquet by record batches."""
+    """A shard's rows from row `skip` on: JSON/JSONL by the in-memory readers, Parquet by record batches, tar
+    files sample by sample."""
     if path.suffix == ".parquet":
         return read_parquet(source, path, skip)
+    if path.suffix == ".tar":
+        return read_tar(source, path, skip)
     rows = read_examples(
         source.format, path, source.images, source.options, allow_outside_root=source.allow_outside_root
     )
@@ -262,6 +273,69 @@ def read_parquet(source: DataSource, path: Path, skip: int) -> Iterator[Example 
                 yield parse(location, row, images)
             except DataError as error:
                 yield BadSample(location, str(error))
+
+
+def read_tar(source: DataSource, path: Path, skip: int) -> Iterator[Example | BadSample]:
+    """Image + caption samples of a WebDataset-style tar shard, from sample `skip` on.
+
+    Members are grouped by key, the member name up to the first dot of its file name (`a/000012.jpg` and
+    `a/000012.txt` are sample `a/000012`), and a sample's members are adjacent, as WebDataset writes them. The
+    image is the member with an image extension; the caption is the `.txt` member, else the `.json` member's
+    "caption". `file[index:key]` names a bad sample; a shard cut short (inside a member, or inside a header:
+    no end-of-archive blocks) counts as one bad sample where it ends.
+    """
+    if source.format != "caption-jsonl":
+        raise DataError(
+            f"{path}: tar shards hold image + caption samples, read as format caption-jsonl, not {source.format!r}"
+        )
+    try:
+        archive = tarfile.open(path, mode="r|*")  # stream mode: one pass, nothing but the current member held
+    except (tarfile.TarError, OSError) as error:
+        raise DataError(f"{path}: not a readable tar shard ({error})") from None
+    index, key, parts = -1, None, {}
+    with archive:
+        try:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                stem, _, extension = name.partition(".")
+                if f"{folder}/{stem}" != key:
+                    if index >= skip:
+                        yield tar_sample(path, index, key, parts)
+                    index, key, parts = index + 1, f"{folder}/{stem}", {}
+                if index >= skip:  # skipped samples are passed over, not read
+                    parts[extension.lower()] = (member.name, archive.extractfile(member).read())
+        except (tarfile.TarError, OSError, EOFError) as error:
+            yield BadSample(f"{path}[{index}:{key.lstrip('/')}]", f"the shard ends inside this sample ({error})")
+            return
+    if key is not None and index >= skip:
+        yield tar_sample(path, index, key, parts)
+    # tarfile ends quietly at a cut inside a member's header; a whole archive ends with two zero blocks.
+    if path.stat().st_size < archive.offset + 2 * tarfile.BLOCKSIZE and index + 1 >= skip:
+        yield BadSample(f"{path}[{index + 1}]", "the shard ends inside a member's header (truncated?)")
+
+
+def tar_sample(path: Path, index: int, key: str, parts: dict[str, tuple[str, bytes]]) -> Example | BadSample:
+    """One tar sample's members (extension -> (member name, bytes)) as a caption example."""
+    location = f"{path}[{index}:{key.lstrip('/')}]"
+    images = [extension for extension in TAR_IMAGE_EXTENSIONS if extension in parts]
+    if not images:
+        return BadSample(location, f"no image member ({', '.join('.' + e for e in TAR_IMAGE_EXTENSIONS)})")
+    try:
+        if "txt" in parts:
+            caption = parts["txt"][1].decode("utf-8")
+        elif "json" in parts:
+            caption = json.loads(parts["json"][1]).get("caption")
+        else:
+            return BadSample(location, "no caption member (.txt, or .json with a 'caption' field)")
+        if not isinstance(caption, str) or not caption.strip():
+            return BadSample(location, "the caption is empty or not text")
+        check_encodable(caption, "caption")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, DataError) as error:
+        return BadSample(location, f"unreadable caption ({error})")
+    name, data = parts[images[0]]
+    return Example(location, (("", caption),), image=ImageBytes(f"{path}[{name}]", data), caption=True)
 
 
 @dataclasses.dataclass

@@ -26,9 +26,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mmadapter.core.examples import ImageBytes
 from mmadapter.vision.clip_encoder import FrozenCLIPEncoder
 from mmadapter.vision.feature_cache import CLIPFeatureCache, content_key
-from mmadapter.vision.images import load_image, swap_red_blue, to_rgb
+from mmadapter.vision.images import load_image, load_image_bytes, swap_red_blue, to_rgb
 
 #: Visual prompts kept for the pictures seen last (serving asks from one generation thread).
 RECENT_IMAGES = 8
@@ -115,13 +116,17 @@ class VisualPrompter:
 
     # ------------------------------------------------------------------ image files (training data)
 
-    def pixel_loader(self, train: bool = True) -> Callable[[Path], dict[str, torch.Tensor]]:
-        """path -> {"pixel_values": (3, H, W)} with the training (random resized crop) or eval transform;
-        errors name the file."""
+    def pixel_loader(self, train: bool = True) -> Callable[[Path | ImageBytes], dict[str, torch.Tensor]]:
+        """image file (or image inside a shard) -> {"pixel_values": (3, H, W)} with the training (random
+        resized crop) or eval transform; errors name the file."""
         transform = self.encoder.transform(train=train)
 
-        def load(path: Path) -> dict[str, torch.Tensor]:
-            return {"pixel_values": transform(load_image(path, bgr_quirk=self.bgr))}
+        def load(image: Path | ImageBytes) -> dict[str, torch.Tensor]:
+            if isinstance(image, ImageBytes):
+                picture = load_image_bytes(image.data, source=image.name, bgr_quirk=self.bgr)
+            else:
+                picture = load_image(image, bgr_quirk=self.bgr)
+            return {"pixel_values": transform(picture)}
 
         return load
 

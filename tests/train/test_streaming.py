@@ -4,11 +4,13 @@ resume mid-stream, the bad-sample policy naming file and row, and JSONL and Parq
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,12 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
-from mmadapter.core.examples import DataError
+from mmadapter.core.examples import DataError, Example, ImageBytes
 from mmadapter.train.data import BadSampleLog, Collator, SupervisedDataset, load_samples
 from mmadapter.train.loop import train
-from mmadapter.train.readers import read_examples
+from mmadapter.train.readers import BadSample, read_examples
 from mmadapter.train.recipe import parse_recipe
 from mmadapter.train.state import Progress
 from mmadapter.train.step import step_batches
@@ -265,3 +268,112 @@ def test_two_processes_stream_the_adapter_of_one(make_recipe, tmp_path):
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=5e-5)
     two = json.loads((tmp_path / "two/adapter/training_summary.json").read_text())
     assert one.summary["tokens"] == two["tokens"]
+
+
+# --- WebDataset-style tar shards -----------------------------------------------------------------------------
+
+
+TAR_OPTIONS = {"streaming": True, "max_bad_fraction": 1.0}
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def png(colour: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), COLOURS[colour]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_tar_shard_samples_bad_samples_and_resume(make_recipe, tiny_tokenizer, tmp_path):
+    members = [
+        ("s/a.png", png("red")), ("s/a.txt", b"a red square"),
+        ("s/b.jpg.json", b"{}"), ("s/b.png", png("blue")), ("s/b.json", b'{"caption": "a blue square"}'),
+        ("s/c.txt", b"no picture"),
+        ("s/d.png", png("green")),
+        ("s/e.png", png("green")), ("s/e.txt", b"\xff\xfe not utf-8"),
+        ("s/f.png", png("red")), ("s/f.txt", b"the last one"),
+    ]  # fmt: skip
+    shard = write_tar(tmp_path / "shard.tar", members)
+    recipe = make_recipe(
+        data=[{"format": "caption-jsonl", "path": str(shard)}], data_options=TAR_OPTIONS, method="lora"
+    )
+    rows = [item for _, _, item in stream_of(recipe, tiny_tokenizer).rows(StreamPosition())]
+    assert [row.source for row in rows] == [f"{shard}[{i}:s/{key}]" for i, key in enumerate("abcdef")]
+    good = [row for row in rows if isinstance(row, Example)]
+    assert [(row.turns, row.caption) for row in good] == [
+        ((("", "a red square"),), True),
+        ((("", "a blue square"),), True),  # from the .json member; "b.jpg.json" is b's too, and not an image
+        ((("", "the last one"),), True),
+    ]
+    assert good[0].image == ImageBytes(f"{shard}[s/a.png]", png("red"))
+    reasons = {row.source.rsplit(":", 1)[1]: row.reason for row in rows if isinstance(row, BadSample)}
+    assert reasons["s/c]"].startswith("no image member") and reasons["s/d]"].startswith("no caption member")
+    assert reasons["s/e]"].startswith("unreadable caption")
+    # Resuming at sample 4 reads what an uninterrupted pass reads from there.
+    resumed = [item for _, _, item in stream_of(recipe, tiny_tokenizer).rows(StreamPosition(row=4, source_rows=4))]
+    assert resumed == rows[4:]
+
+    # Cut short: inside b's first member's data (tarfile raises), inside its header (tarfile ends quietly).
+    for cut, source, reason in ((512 * 5 + 40, "[1:s/b]", "ends inside this sample"), (512 * 4 + 100, "[1]", "header")):
+        truncated = tmp_path / f"truncated-{cut}.tar"
+        truncated.write_bytes(shard.read_bytes()[:cut])
+        recipe = make_recipe(
+            data=[{"format": "caption-jsonl", "path": str(truncated)}], data_options=TAR_OPTIONS, method="lora"
+        )
+        rows = [item for _, _, item in stream_of(recipe, tiny_tokenizer).rows(StreamPosition())]
+        assert isinstance(rows[0], Example) and len(rows) == 2, rows
+        assert rows[1].source == f"{truncated}{source}" and reason in rows[1].reason
+
+
+def test_a_tar_shard_without_streaming_or_in_another_format_is_refused(make_recipe, tmp_path):
+    shard = write_tar(tmp_path / "shard.tar", [("a.png", png("red")), ("a.txt", b"a red square")])
+    with pytest.raises(ValueError, match=r"data.train.0.path: .*shard.tar is a tar shard.*data.streaming: true"):
+        make_recipe(data=[{"format": "caption-jsonl", "path": str(shard)}])
+    recipe = make_recipe(data=[{"format": "alpaca", "path": str(shard)}], data_options={"streaming": True})
+    with pytest.raises(DataError, match=r"shard.tar: tar shards hold image \+ caption samples.*not 'alpaca'"):
+        train(recipe)
+
+
+@pytest.mark.slow
+def test_tar_shards_train_the_adapter_of_the_same_captions_as_files(make_recipe, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rows, shards = [], {0: [], 1: []}
+    for i, colour in enumerate(list(COLOURS) * 2):
+        write_image(images / f"{i:03d}.png", colour)
+        rows.append({"image": f"{i:03d}.png", "caption": f"a {colour} square"})
+        shards[i * 2 // (2 * len(COLOURS))] += [
+            (f"{i:03d}.png", (images / f"{i:03d}.png").read_bytes()),
+            (f"{i:03d}.txt", f"a {colour} square".encode()),
+        ]
+    write_jsonl(tmp_path / "captions.jsonl", rows)
+    (tmp_path / "shards").mkdir()
+    for n, members in shards.items():
+        write_tar(tmp_path / "shards" / f"{n:05d}.tar", members)
+
+    def recipe(path: str, streaming: bool, **source):
+        return make_recipe(
+            data=[{"format": "caption-jsonl", "path": path, "trains": "caption", **source}],
+            method="llama-adapter-v2",
+            train={"max_steps": 4, "batch_size": 4, "eps": 1e-6},
+            data_options={"group_by_length": False, "streaming": streaming},
+            stages=[{"name": "caption", "trains": "caption"}],
+            output_dir=str(tmp_path / f"run-{streaming}"),
+        )
+
+    results = [
+        train(recipe(str(tmp_path / "captions.jsonl"), False, images=str(images))),
+        train(recipe(str(tmp_path / "shards"), True)),
+    ]
+    weights = [load_file(r.adapter_dir / "adapter_model.safetensors") for r in results]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    assert any(not torch.equal(w, torch.zeros_like(w)) for w in weights[1].values())
