@@ -152,7 +152,7 @@ def v2_7b_memory(batch: int, seq: int) -> dict[str, dict[str, int]]:
         ),
     }
 
-    def loss() -> torch.Tensor:  # TokenLoss's arithmetic
+    def loss() -> torch.Tensor:  # TokenLoss's arithmetic, every position supervised
         logits = model(**inputs).logits
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").sum()
 

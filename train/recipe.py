@@ -317,11 +317,12 @@ def _validate(recipe: Recipe, implicit_stage: bool) -> None:
             raise ValueError(f"{key}data.train: no training data (a list of {{format, path}} sources)")
         if data.streaming:
             _check_streaming(key, train, data)
-        for j, source in enumerate(data.train):
-            if not data.streaming and source.path.endswith(".tar"):
+        sources = [("train", j, s) for j, s in enumerate(data.train) if not data.streaming]
+        for split, j, source in sources + [("eval", j, s) for j, s in enumerate(data.eval)]:
+            if source.path.endswith(".tar"):
                 raise ValueError(
-                    f"{key}data.train.{j}.path: {source.path} is a tar shard, which is read only when streaming; "
-                    "set data.streaming: true (and train.max_steps)"
+                    f"{key}data.{split}.{j}.path: {source.path} is a tar shard, which is read only as streamed "
+                    "training data (data.streaming: true); give evaluation data as a JSON/JSONL file"
                 )
         if train.epochs is None and train.max_steps is None:
             raise ValueError(f"{key}train: set epochs or max_steps")

@@ -159,7 +159,7 @@ def check_data_paths(recipe: Recipe) -> None:
             if split == "train" and stage.data.streaming:
                 if not source_shards(source):
                     raise FileNotFoundError(
-                        f"{key}: {source.path} holds no data shards (*.jsonl, *.json, *.parquet); set it to a shard "
+                        f"{key}: {source.path} holds no data shards (*.jsonl, *.json, *.parquet, *.tar); set it to a shard "
                         f"file, a folder of shards or a glob (--set {key}=PATH)"
                     )
             elif not Path(source.path).is_file():

@@ -96,6 +96,7 @@ def shard_loss_module(accelerator: Accelerator, loss_module: nn.Module) -> nn.Mo
     plugin = accelerator.state.fsdp_plugin
     if plugin.transformer_cls_names_to_wrap is None:  # the backbone's own decoder layer class
         plugin.transformer_cls_names_to_wrap = list(getattr(loss_module.model, "_no_split_modules", None) or [])
-    # TokenLoss returns its per-token losses as a view; they are only ever summed out of place.
+    # TokenLoss returns its per-token losses as a view for a model without logits_to_keep; they are only ever
+    # summed out of place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTokenLoss\) returned a view tensor")
     return fsdp2_prepare_model(accelerator, loss_module)

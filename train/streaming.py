@@ -68,14 +68,16 @@ from mmadapter.train.state import Progress, Run
 SHARD_SUFFIXES = (".jsonl", ".json", ".parquet", ".tar")
 #: Extensions of a tar sample's image member (WebDataset names them by format).
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+#: The members a caption sample is read from; others (.npy, .mp4, ...) are passed over unread.
+TAR_MEMBER_EXTENSIONS = (*TAR_IMAGE_EXTENSIONS, "txt", "json")
 #: Mixed into the batching seed of window w > 0 (window 0 keeps the in-memory path's seed).
 WINDOW_SEED_STRIDE = 1_000_000_007
 PARQUET_BATCH_ROWS = 1024
 
 
 def source_shards(source: DataSource) -> list[Path]:
-    """The shard files of a streamed source, in name order: the file itself, a folder's *.jsonl/*.json/*.parquet
-    files, or a glob's matches; empty when there are none."""
+    """The shard files of a streamed source, in name order: the file itself, a folder's *.jsonl/*.json/*.parquet/
+    *.tar files, or a glob's matches; empty when there are none."""
     path = Path(source.path)
     if any(c in source.path for c in "*?["):
         matches = [Path(p) for p in glob.glob(source.path, recursive=True)]
@@ -281,18 +283,21 @@ def read_tar(source: DataSource, path: Path, skip: int) -> Iterator[Example | Ba
     Members are grouped by key, the member name up to the first dot of its file name (`a/000012.jpg` and
     `a/000012.txt` are sample `a/000012`), and a sample's members are adjacent, as WebDataset writes them. The
     image is the member with an image extension; the caption is the `.txt` member, else the `.json` member's
-    "caption". `file[index:key]` names a bad sample; a shard cut short (inside a member, or inside a header:
-    no end-of-archive blocks) counts as one bad sample where it ends.
+    "caption" (surrounding whitespace, such as a trailing newline, stripped). `file[index:key]` names a bad
+    sample; a shard cut short counts as one bad sample where it ends; a damaged header mid-shard stops the run.
     """
     if source.format != "caption-jsonl":
         raise DataError(
             f"{path}: tar shards hold image + caption samples, read as format caption-jsonl, not {source.format!r}"
         )
+    with path.open("rb") as file:
+        if file.read(2) == b"\x1f\x8b":
+            raise DataError(f"{path}: a gzip-compressed tar; mmadapter reads plain tar shards: gunzip it")
     try:
-        archive = tarfile.open(path, mode="r|*")  # stream mode: one pass, nothing but the current member held
+        archive = tarfile.open(path, mode="r|")  # stream mode: one pass, nothing but the current member held
     except (tarfile.TarError, OSError) as error:
         raise DataError(f"{path}: not a readable tar shard ({error})") from None
-    index, key, parts = -1, None, {}
+    index, key, parts = -1, "", {}
     with archive:
         try:
             for member in archive:
@@ -301,19 +306,40 @@ def read_tar(source: DataSource, path: Path, skip: int) -> Iterator[Example | Ba
                 folder, _, name = member.name.rpartition("/")
                 stem, _, extension = name.partition(".")
                 if f"{folder}/{stem}" != key:
-                    if index >= skip:
+                    if 0 <= index and index >= skip:
                         yield tar_sample(path, index, key, parts)
                     index, key, parts = index + 1, f"{folder}/{stem}", {}
-                if index >= skip:  # skipped samples are passed over, not read
-                    parts[extension.lower()] = (member.name, archive.extractfile(member).read())
+                extension = extension.lower()
+                if index >= skip and extension in TAR_MEMBER_EXTENSIONS:  # skipped samples are passed over, unread
+                    parts[extension] = (member.name, archive.extractfile(member).read())
         except (tarfile.TarError, OSError, EOFError) as error:
-            yield BadSample(f"{path}[{index}:{key.lstrip('/')}]", f"the shard ends inside this sample ({error})")
+            if max(index, 0) >= skip:
+                where = f"{path}[{max(index, 0)}:{key.lstrip('/')}]"
+                yield BadSample(where, f"the shard ends inside this sample ({error})")
             return
-    if key is not None and index >= skip:
+    if index >= 0 and index >= skip:
         yield tar_sample(path, index, key, parts)
-    # tarfile ends quietly at a cut inside a member's header; a whole archive ends with two zero blocks.
-    if path.stat().st_size < archive.offset + 2 * tarfile.BLOCKSIZE and index + 1 >= skip:
-        yield BadSample(f"{path}[{index + 1}]", "the shard ends inside a member's header (truncated?)")
+    yield from tar_ending(path, archive.offset, index + 1, skip)
+
+
+def tar_ending(path: Path, offset: int, index: int, skip: int) -> Iterator[BadSample]:
+    """tarfile ends quietly at a header it cannot read; a whole archive ends there with two zero blocks. A shard
+    cut short inside a header is one bad sample; a damaged header with data after it stops the run, since the
+    samples behind it would be lost without a count."""
+    with path.open("rb") as file:
+        file.seek(offset)
+        ending = file.read(2 * tarfile.BLOCKSIZE)
+        left = path.stat().st_size - offset
+    if ending and not ending.strip(b"\0"):  # the end-of-archive blocks (or what is left of them)
+        return
+    if left <= tarfile.BLOCKSIZE:
+        if index >= skip:
+            yield BadSample(f"{path}[{index}]", "the shard ends inside a member's header (truncated?)")
+        return
+    raise DataError(
+        f"{path}: an unreadable tar header at byte {offset:,} with {left:,} bytes after it (sample {index} on); "
+        "the shard is damaged: write it again, or leave it out of the data"
+    )
 
 
 def tar_sample(path: Path, index: int, key: str, parts: dict[str, tuple[str, bytes]]) -> Example | BadSample:
@@ -335,7 +361,7 @@ def tar_sample(path: Path, index: int, key: str, parts: dict[str, tuple[str, byt
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, DataError) as error:
         return BadSample(location, f"unreadable caption ({error})")
     name, data = parts[images[0]]
-    return Example(location, (("", caption),), image=ImageBytes(f"{path}[{name}]", data), caption=True)
+    return Example(location, (("", caption.strip()),), image=ImageBytes(f"{path}[{name}]", data), caption=True)
 
 
 @dataclasses.dataclass

@@ -298,7 +298,7 @@ def test_tar_shard_samples_bad_samples_and_resume(make_recipe, tiny_tokenizer, t
         ("s/c.txt", b"no picture"),
         ("s/d.png", png("green")),
         ("s/e.png", png("green")), ("s/e.txt", b"\xff\xfe not utf-8"),
-        ("s/f.png", png("red")), ("s/f.txt", b"the last one"),
+        ("s/f.png", png("red")), ("s/f.txt", b"the last one\n"), ("s/f.npy", b"passed over"),
     ]  # fmt: skip
     shard = write_tar(tmp_path / "shard.tar", members)
     recipe = make_recipe(
@@ -306,6 +306,7 @@ def test_tar_shard_samples_bad_samples_and_resume(make_recipe, tiny_tokenizer, t
     )
     rows = [item for _, _, item in stream_of(recipe, tiny_tokenizer).rows(StreamPosition())]
     assert [row.source for row in rows] == [f"{shard}[{i}:s/{key}]" for i, key in enumerate("abcdef")]
+    assert rows[-1].turns == (("", "the last one"),)  # the .txt's trailing newline is not the caption's
     good = [row for row in rows if isinstance(row, Example)]
     assert [(row.turns, row.caption) for row in good] == [
         ((("", "a red square"),), True),
@@ -336,9 +337,30 @@ def test_a_tar_shard_without_streaming_or_in_another_format_is_refused(make_reci
     shard = write_tar(tmp_path / "shard.tar", [("a.png", png("red")), ("a.txt", b"a red square")])
     with pytest.raises(ValueError, match=r"data.train.0.path: .*shard.tar is a tar shard.*data.streaming: true"):
         make_recipe(data=[{"format": "caption-jsonl", "path": str(shard)}])
+    with pytest.raises(ValueError, match=r"data.eval.0.path: .*shard.tar is a tar shard.*JSON/JSONL file"):
+        make_recipe(data_options={"streaming": True, "eval": [{"format": "caption-jsonl", "path": str(shard)}]})
     recipe = make_recipe(data=[{"format": "alpaca", "path": str(shard)}], data_options={"streaming": True})
     with pytest.raises(DataError, match=r"shard.tar: tar shards hold image \+ caption samples.*not 'alpaca'"):
         train(recipe)
+
+
+def test_a_damaged_or_compressed_tar_shard_stops_the_run_naming_it(make_recipe, tiny_tokenizer, tmp_path):
+    members = [(f"{i}.{extension}", data) for i in range(4) for extension, data in (("png", png("red")), ("txt", b"x"))]
+    damaged = bytearray(write_tar(tmp_path / "damaged.tar", members).read_bytes())
+    damaged[4 * 1024 + 148] ^= 0xFF  # the checksum of sample 2's first header: tarfile would stop there quietly
+    (tmp_path / "damaged.tar").write_bytes(damaged)
+    gzipped = tmp_path / "gzipped.tar"
+    with tarfile.open(gzipped, "w:gz") as archive:
+        archive.add(tmp_path / "damaged.tar", arcname="x.png")
+    for shard, message in (
+        ("damaged.tar", r"damaged.tar: an unreadable tar header at byte 4,096 .*\(sample 2 on\); the shard is damaged"),
+        ("gzipped.tar", r"gzipped.tar: a gzip-compressed tar; .*gunzip it"),
+    ):
+        recipe = make_recipe(
+            data=[{"format": "caption-jsonl", "path": str(tmp_path / shard)}], data_options=TAR_OPTIONS, method="lora"
+        )
+        with pytest.raises(DataError, match=message):
+            list(stream_of(recipe, tiny_tokenizer).rows(StreamPosition()))
 
 
 @pytest.mark.slow
