@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 from bench_generate import randomize_adapter, word_tokenizer
-from benchlib import RESULTS, Table, add_device_arguments, chosen_dtype, write_results
+from benchlib import RESULTS, GPUClock, Table, add_device_arguments, chosen_dtype, write_results
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, save_adapter
 from mmadapter.adapters.backbones.presets import llama_config
@@ -82,6 +82,7 @@ class ServerProcess:
         command = [sys.executable, __file__, "--child", str(folder), "--adapters", ",".join(adapters)]
         command += ["--max-batch", str(max_batch), "--threads", str(args.threads), "--device", args.device]
         command += ["--dtype", args.dtype]
+        self.device = args.device
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.port = int(self._answer("PORT")[0])
 
@@ -165,10 +166,11 @@ def run_clients(server: ServerProcess, messages: list[str], models: list[str], n
     for thread in threads:
         thread.start()
     cpu_start = server.cpu_seconds()
-    barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
+    with GPUClock(server.device) as clock:
+        barrier.wait()
+        start = time.perf_counter()
+        for thread in threads:
+            thread.join()
     elapsed, cpu = time.perf_counter() - start, [b - a for a, b in zip(cpu_start, server.cpu_seconds(), strict=True)]
     if any(result is None for result in results):
         raise RuntimeError("a client failed (see above)")
@@ -182,7 +184,12 @@ def run_clients(server: ServerProcess, messages: list[str], models: list[str], n
         "ttft_p95_ms": round(1000 * percentile(ttft, 0.95), 1),
         "itl_p50_ms": round(1000 * percentile(gaps, 0.5), 2),
         "itl_p95_ms": round(1000 * percentile(gaps, 0.95), 2),
+        **clock_field(clock),
     }
+
+
+def clock_field(clock: GPUClock) -> dict:
+    return {} if clock.median_mhz is None else {"gpu_clock_mhz": clock.median_mhz}
 
 
 def run_generate(model, prompts: list[list[int]], new_tokens: int, device: str) -> dict:
@@ -192,12 +199,12 @@ def run_generate(model, prompts: list[list[int]], new_tokens: int, device: str) 
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     mask = (torch.arange(width, device=device)[None] >= width - lengths[:, None]).long()
     start, cpu_start = time.perf_counter(), time.thread_time()
-    with torch.inference_mode():
+    with GPUClock(device) as clock, torch.inference_mode():
         output = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
     elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
-    return throughput((output.shape[1] - ids.shape[1]) * len(prompts), elapsed, cpu)
+    return {**throughput((output.shape[1] - ids.shape[1]) * len(prompts), elapsed, cpu), **clock_field(clock)}
 
 
 def measure(servers, model, messages, ids, counts, mix, new_tokens, device) -> tuple[list[dict], dict]:
@@ -275,20 +282,10 @@ def ms(value: float) -> str:
 
 
 def load_table(rows: list[dict]) -> Table:
-    table = Table(
-        [
-            "clients",
-            "mode",
-            "tok/s",
-            "tok/CPU-s",
-            "TTFT p50 ms",
-            "TTFT p95 ms",
-            "ITL p50 ms",
-            "ITL p95 ms",
-            "× one-at-a-time (wall)",
-            "× one-at-a-time (CPU)",
-        ]
-    )
+    columns = ["clients", "mode", "tok/s", "tok/CPU-s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms"]
+    columns += ["× one-at-a-time (wall)", "× one-at-a-time (CPU)"]
+    clocked = any("gpu_clock_mhz" in row[mode] for row in rows for mode in ("batched", "generate"))
+    table = Table(columns + (["GPU MHz"] if clocked else []))
     names = {"batched": "batched (--max-batch 16)", "one_at_a_time": "one at a time (--max-batch 1)"}
     names["generate"] = "transformers generate"
     for row in rows:
@@ -304,9 +301,11 @@ def load_table(rows: list[dict]) -> Table:
                 f"{r[unit] / single[unit]:.2f}×" if mode != "one_at_a_time" else "1×"
                 for unit in ("tokens_per_s", "tokens_per_cpu_s")
             ]
+            clock = [f"{r['gpu_clock_mhz']:.0f}" if "gpu_clock_mhz" in r else "–"] if clocked else []
             table.add(
-                row["clients"], label, f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_cpu_s']:.1f}", *latency, *ratios
-            )
+                row["clients"], label, f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_cpu_s']:.1f}", *latency, *ratios,
+                *clock,
+            )  # fmt: skip
     return table
 
 

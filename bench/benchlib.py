@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,48 @@ class Table:
 
     def to_json(self) -> dict[str, list]:
         return {"columns": self.columns, "rows": self.rows}
+
+
+class GPUClock:
+    """The median SM clock (MHz) of a CUDA device while a block runs, read through NVML every 50 ms.
+
+    A GPU left to its own power management can stay near its idle clock under light, launch-bound work (a small
+    model decoding a few rows): on the first H200 lease the serving benchmark's per-token times moved between
+    two levels about 5.7x apart, the ratio of that GPU's boost to idle SM clock. Recording the clock beside each
+    timing tells such runs apart. Off CUDA, or without NVML (nvidia-ml-py), it records nothing.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> GPUClock:
+        if self.device.startswith("cuda") and self._read() is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def _read(self) -> int | None:
+        try:
+            return torch.cuda.clock_rate(self.device)
+        except Exception:  # no NVML binding, or a device it cannot query
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            if (mhz := self._read()) is not None:
+                self.samples.append(mhz)
+
+    @property
+    def median_mhz(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
 
 
 def write_results(document: dict[str, Any], out: Path, tables: dict[str, Table] | None = None) -> None:
