@@ -134,6 +134,7 @@ class BatchScheduler:
         self._prefill: _Prefill | None = None
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (B, cached columns): 1 for a real token
+        self._padded = False  # whether any running row has padding columns (see _batch_changed)
         self._next: torch.Tensor | None = None  # (B,) tokens to feed
         self._positions: torch.Tensor | None = None  # (B,) their position ids
         self._extra: dict[str, Any] = {}
@@ -246,7 +247,7 @@ class BatchScheduler:
         logits = self._forward(
             self.running,
             input_ids=self._next[:, None],
-            attention_mask=None if bool(mask.all()) else mask,
+            attention_mask=mask if self._padded else None,
             position_ids=self._positions[:, None],
             past_key_values=self._cache,
         )
@@ -279,8 +280,11 @@ class BatchScheduler:
     # -- model calls -------------------------------------------------------------------------------
 
     def _batch_changed(self) -> None:
-        """Rebuild the per-row routing and visual prompts once per change of the running rows."""
+        """Rebuild the per-row routing and visual prompts once per change of the running rows, and note whether
+        any row is padded: decoding adds only real columns, so that holds until the next change, and the check
+        (a device sync on a GPU) runs once per change instead of once per token."""
         self._routing, self._extra = self._row_inputs(self.running)
+        self._padded = self._mask is not None and not bool(self._mask.all())
 
     def _row_inputs(self, sequences: list[Sequence]) -> tuple[RowRouting | None, dict[str, Any]]:
         if not sequences:
