@@ -49,8 +49,8 @@ class GPUClock:
 
     A GPU left to its own power management can stay near its idle clock under light, launch-bound work (a small
     model decoding a few rows): on the first H200 lease the serving benchmark's per-token times moved between
-    two levels about 5.7x apart, the ratio of that GPU's boost to idle SM clock. Recording the clock beside each
-    timing tells such runs apart. Off CUDA, or without NVML (nvidia-ml-py), it records nothing.
+    two levels 4-10x apart, around the 5.7x between that GPU's boost and idle SM clocks. Recording the clock
+    beside each timing tells such runs apart. Off CUDA, or without NVML (nvidia-ml-py), it records nothing.
     """
 
     def __init__(self, device: str) -> None:

@@ -98,7 +98,8 @@ class DataSection:
     streaming: Bool = False
     """Read the training sources while training runs, tokenizing on the fly, instead of all before the first
     step: for data that does not fit in memory. A source's path may then be a folder of shards or a glob
-    (*.jsonl, *.json, *.parquet, or WebDataset-style *.tar of image + caption). Needs train.max_steps. See "Streaming data" in data-formats.md."""
+    (*.jsonl, *.json, *.parquet, or WebDataset-style *.tar of image + caption). Needs train.max_steps. See
+    "Streaming data" in data-formats.md."""
     shuffle_window: Int = 10000
     """Streaming: usable rows shuffled together (in stream order otherwise); memory holds one window."""
     clip_cache: str | None = None

@@ -159,8 +159,8 @@ def check_data_paths(recipe: Recipe) -> None:
             if split == "train" and stage.data.streaming:
                 if not source_shards(source):
                     raise FileNotFoundError(
-                        f"{key}: {source.path} holds no data shards (*.jsonl, *.json, *.parquet, *.tar); set it to a shard "
-                        f"file, a folder of shards or a glob (--set {key}=PATH)"
+                        f"{key}: {source.path} holds no data shards (*.jsonl, *.json, *.parquet, *.tar); set it to "
+                        f"a shard file, a folder of shards or a glob (--set {key}=PATH)"
                     )
             elif not Path(source.path).is_file():
                 problem = "is a folder, not a data file" if Path(source.path).is_dir() else "not found"

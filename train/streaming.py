@@ -4,8 +4,8 @@ For data that does not fit in memory (caption pretraining on millions of image-t
 `path` is a file, a folder of shards or a glob; shards are JSON/JSONL files (read with the in-memory
 path's readers, one shard in memory at a time), Parquet files (read a record batch at a time, rows
 parsed by the same row parsers) or WebDataset-style tar files of image + caption samples (read member by
-member; what img2dataset writes for LAION or CC3M: `000012.jpg` beside `000012.txt` and/or `000012.json`). The main process reads and validates rows; tokenizing and image
-decoding happen in DataLoader workers (`data.num_workers`; 0 does it in the main process), with the
+member; what img2dataset writes for LAION or CC3M: `000012.jpg` beside `000012.txt` and/or `000012.json`).
+The main process reads and validates rows; tokenizing and image decoding happen in DataLoader workers (`data.num_workers`; 0 does it in the main process), with the
 in-memory path's encoder and image loading.
 
 Order: the stream is cut into windows of `data.shuffle_window` usable rows, in shard order (sorted names).
@@ -297,7 +297,7 @@ def read_tar(source: DataSource, path: Path, skip: int) -> Iterator[Example | Ba
         archive = tarfile.open(path, mode="r|")  # stream mode: one pass, nothing but the current member held
     except (tarfile.TarError, OSError) as error:
         raise DataError(f"{path}: not a readable tar shard ({error})") from None
-    index, key, parts = -1, "", {}
+    index, key, parts = -1, None, {}
     with archive:
         try:
             for member in archive:
@@ -305,19 +305,19 @@ def read_tar(source: DataSource, path: Path, skip: int) -> Iterator[Example | Ba
                     continue
                 folder, _, name = member.name.rpartition("/")
                 stem, _, extension = name.partition(".")
-                if f"{folder}/{stem}" != key:
-                    if 0 <= index and index >= skip:
+                sample = f"{folder}/{stem}" if folder else stem
+                if sample != key:
+                    if index >= skip:  # skip >= 0: never before the first sample
                         yield tar_sample(path, index, key, parts)
-                    index, key, parts = index + 1, f"{folder}/{stem}", {}
+                    index, key, parts = index + 1, sample, {}
                 extension = extension.lower()
                 if index >= skip and extension in TAR_MEMBER_EXTENSIONS:  # skipped samples are passed over, unread
                     parts[extension] = (member.name, archive.extractfile(member).read())
         except (tarfile.TarError, OSError, EOFError) as error:
             if max(index, 0) >= skip:
-                where = f"{path}[{max(index, 0)}:{key.lstrip('/')}]"
-                yield BadSample(where, f"the shard ends inside this sample ({error})")
+                yield BadSample(tar_location(path, max(index, 0), key), f"the shard ends inside this sample ({error})")
             return
-    if index >= 0 and index >= skip:
+    if index >= skip:
         yield tar_sample(path, index, key, parts)
     yield from tar_ending(path, archive.offset, index + 1, skip)
 
@@ -342,9 +342,14 @@ def tar_ending(path: Path, offset: int, index: int, skip: int) -> Iterator[BadSa
     )
 
 
+def tar_location(path: Path, index: int, key: str | None) -> str:
+    """How a tar sample is named in messages: `shard.tar[index:key]`."""
+    return f"{path}[{index}:{key or ''}]"
+
+
 def tar_sample(path: Path, index: int, key: str, parts: dict[str, tuple[str, bytes]]) -> Example | BadSample:
     """One tar sample's members (extension -> (member name, bytes)) as a caption example."""
-    location = f"{path}[{index}:{key.lstrip('/')}]"
+    location = tar_location(path, index, key)
     images = [extension for extension in TAR_IMAGE_EXTENSIONS if extension in parts]
     if not images:
         return BadSample(location, f"no image member ({', '.join('.' + e for e in TAR_IMAGE_EXTENSIONS)})")
