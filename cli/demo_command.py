@@ -29,7 +29,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ui", action="store_true", help="afterwards, chat with the result in the web UI (gradio)")
     parser.add_argument("--ui-port", type=port_number, default=7860, help="web UI port (default 7860, on 127.0.0.1)")
     parser.add_argument("--assets", type=Path, help="assets folder (default: the repository's assets/)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 on 2-4 cores, see README)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: one per idle core, at most 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo's world and training (default 0)")
     parser.add_argument("--json", action="store_true", help="print metrics.json at the end")
     parser.set_defaults(run=run)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -24,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -69,12 +71,16 @@ class DemoScale:
 
 SCALES = {
     "full": DemoScale(
-        train_images=1500, heldout_images=200, questions_per_image=3, caption_steps=1250, instruction_steps=800
+        train_images=1500, heldout_images=400, questions_per_image=3, caption_steps=1250, instruction_steps=800
     ),
     "quick": DemoScale(
         train_images=600, heldout_images=60, questions_per_image=3, caption_steps=220, instruction_steps=110
     ),
 }
+#: Threads the demo picks at most by itself (`default_threads`), and how idle a core must be to count
+#: (0.2: a core that other processes use less than a fifth of the time).
+MAX_DEFAULT_THREADS = 4
+IDLE_SLACK = 0.2
 #: Copies of the text-only instruction set in the instruction stage (about a tenth of its samples).
 INSTRUCTION_REPEATS = 24
 #: Copies of each single-shape scene in the caption and question files: only they show a position, and
@@ -146,10 +152,16 @@ def find_assets(explicit: Path | None) -> Path:
 
 
 def default_threads() -> int:
-    """One thread on small machines: the tiny model's matrices gain little from more, and a second
-    thread competing with any other busy process slows every step many times over (see README)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 1 if cores <= 4 else min(4, cores // 2)
+    """One thread per core that is idle when the demo starts, at most four.
+
+    A thread whose core is busy with another process makes every parallel region of every step wait
+    for it (steps up to 15x slower on the 2-core VM, docs/demo.md), so busy cores are left alone; and
+    the tiny model's matrices gain little beyond four threads. Measured over a fifth of a second.
+    """
+    usage = psutil.cpu_percent(interval=0.2, percpu=True)
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(len(usage))
+    idle = sum(100.0 - usage[core] for core in cores if core < len(usage)) / 100.0
+    return max(1, min(MAX_DEFAULT_THREADS, math.floor(idle + IDLE_SLACK)))
 
 
 def say(message: str = "") -> None:
@@ -244,9 +256,10 @@ def run_demo(options: DemoOptions) -> int:
     output = Path(options.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     assets = find_assets(options.assets)
+    chosen = "" if options.threads else ": the idle cores, --threads N to change"
     say(
         f"mmadapter demo: LLaMA-Adapter V2 on a frozen tiny LLaMA + CLIP ({'quick' if options.quick else 'full'} run, "
-        f"{threads} thread{'s' if threads > 1 else ''}) -> {output}"
+        f"{threads} thread{'s' if threads > 1 else ''}{chosen}) -> {output}"
     )
 
     # 1. frozen models

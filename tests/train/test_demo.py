@@ -94,3 +94,29 @@ def test_scales_and_cli_are_wired(capsys):
     assert exit_info.value.code == 0  # argparse exits 2 for an unknown command
     assert "--quick" in capsys.readouterr().out
     assert set(world.ATTRIBUTES) == {"colour", "shape", "count", "size", "position"}
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ([3.0, 5.0], 2),  # an idle 2-core machine: both cores
+        ([95.0, 4.0], 1),  # another process busy on one core: leave it alone
+        ([30.0, 20.0], 1),  # half a core in use by others: one thread
+        ([100.0, 100.0], 1),  # everything busy: still one
+        ([0.0] * 16, 4),  # a big idle machine: the tiny model gains little beyond four
+    ],
+)
+def test_default_threads_uses_the_idle_cores(monkeypatch, usage, expected):
+    from mmadapter.cli.demo import app
+
+    monkeypatch.setattr(app.psutil, "cpu_percent", lambda interval, percpu: usage)
+    monkeypatch.setattr(app.os, "sched_getaffinity", lambda pid: set(range(len(usage))), raising=False)
+    assert app.default_threads() == expected
+
+
+def test_default_threads_counts_only_the_cores_it_may_run_on(monkeypatch):
+    from mmadapter.cli.demo import app
+
+    monkeypatch.setattr(app.psutil, "cpu_percent", lambda interval, percpu: [0.0, 0.0, 100.0, 100.0])
+    monkeypatch.setattr(app.os, "sched_getaffinity", lambda pid: {2, 3}, raising=False)
+    assert app.default_threads() == 1
