@@ -9,6 +9,7 @@ Typical use::
     mark_trainable(model)
 """
 
+from mmadapter.adapters import library_notices  # noqa: F401  (first: bitsandbytes logs while peft imports it)
 from mmadapter.adapters.backbones import BASE_PRESETS, build_base_model, load_base_model, load_tokenizer
 from mmadapter.adapters.io.checkpoint import load_adapter, save_adapter
 from mmadapter.adapters.methods.base import (

@@ -17,7 +17,11 @@ from transformers import AutoTokenizer, LlamaTokenizer, PretrainedConfig, PreTra
 
 from mmadapter.adapters.backbones.meta_llama import is_meta_checkpoint, load_meta_checkpoint
 from mmadapter.adapters.backbones.presets import BASE_PRESETS, base_config, build_base_model, model_class_for
-from mmadapter.adapters.backbones.quantization import bitsandbytes_config, check_quantization
+from mmadapter.adapters.backbones.quantization import (
+    bitsandbytes_config,
+    check_quantization,
+    keep_4bit_weights_differentiable,
+)
 from mmadapter.core.files import torch_file_errors
 from mmadapter.core.quantization import Quantization
 
@@ -117,13 +121,15 @@ def _load_quantized(
             build_base_model(base_config(str(base))).save_pretrained(folder)
             model = _from_folder(folder, dtype, attn_implementation, **options)
         model.config.name_or_path = ""
-        return model
-    if is_meta_checkpoint(base):
+    elif is_meta_checkpoint(base):
         raise ValueError(
             f"{base}: a Meta-layout folder converts to full precision as it loads, so it cannot be quantized on load; "
             f"convert it once (mmadapter convert meta-llama {base} OUT_FOLDER) and quantize the Hugging Face folder"
         )
-    return _from_folder(base, dtype, attn_implementation, **options)
+    else:
+        model = _from_folder(base, dtype, attn_implementation, **options)
+    keep_4bit_weights_differentiable(model)
+    return model
 
 
 def _pickled_weights_errors(folder: Path) -> contextlib.AbstractContextManager:

@@ -11,7 +11,6 @@ bias/scale and LoRA stay unmerged on it (their hooks / peft's branch apply at ev
 from __future__ import annotations
 
 import importlib.util
-import logging
 import math
 import sys
 
@@ -26,25 +25,9 @@ INSTALL_HINT = "pip install 'mmadapter[quantization]' (bitsandbytes)"
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class _Int8CastNotice(logging.Filter):
-    """LLM.int8 computes in fp16 by design, and bitsandbytes logs so at every matmul whose input is not fp16
-    (every one on a bf16 or fp32 base): the notice is kept out of the log, other records pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
-
-
-def quiet_int8_casts() -> None:
-    """Install the filter once (bitsandbytes' matmul module logs under its own name)."""
-    log = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _Int8CastNotice) for f in log.filters):
-        log.addFilter(_Int8CastNotice())
-
-
 def bitsandbytes_config(quantization: Quantization) -> BitsAndBytesConfig:
     """transformers' `BitsAndBytesConfig` for `quantization`."""
     if quantization.bits == 8:
-        quiet_int8_casts()
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -52,6 +35,20 @@ def bitsandbytes_config(quantization: Quantization) -> BitsAndBytesConfig:
         bnb_4bit_compute_dtype=_COMPUTE_DTYPES[quantization.compute_dtype],
         bnb_4bit_use_double_quant=quantization.double_quant,
     )
+
+
+def keep_4bit_weights_differentiable(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight for a faster kernel at the first forward
+    in eval mode without gradients, and keeps it packed: every later forward, training ones included, then takes
+    a kernel with no backward, so nothing before that linear gets a gradient (LoRA and prompts in early layers
+    silently stop training after one evaluation). The generic path dequantizes per matmul, as on CUDA.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    for module in model.modules():
+        if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def check_quantization(quantization: Quantization, device: str | torch.device, where: str) -> None:

@@ -154,6 +154,27 @@ def test_the_ptuning_prefix_trains_on_a_quantized_chatglm(bases):
     assert table.grad is not None and table.grad.abs().sum() > 0
 
 
+def test_training_after_an_evaluation_gets_the_same_gradients(bases):
+    """bitsandbytes repacks a 4-bit weight for a kernel without a backward at an eval forward on AVX512-BF16
+    CPUs; the loader turns that off, or LoRA before the first repacked linear gets no gradient after it."""
+    model = attach_adapter(copy.deepcopy(bases["qwen3", 4]), config_for("lora"))
+    mark_trainable(model)
+    perturb_adapter(model)
+    never_evaluated = copy.deepcopy(model)
+    model.eval()
+    run(model)
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
+    ids, _ = left_padded()
+    grads = []
+    for trained in (never_evaluated, model):
+        trained.train()
+        torch.manual_seed(0)  # the same dropout masks
+        trained(ids, labels=ids).loss.backward()
+        grads.append({name: p.grad for name, p in trainable_parameters(trained).items()})
+    assert all(g is not None for g in grads[1].values())
+    assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])
+
+
 def test_without_bitsandbytes_the_error_names_the_key_and_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(

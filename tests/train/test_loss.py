@@ -68,5 +68,7 @@ def test_losses_and_gradients_equal_the_plain_computation(method, wrapped):
     )
     # Same math on fewer rows of the head's matmul: float32 rounding at most.
     torch.testing.assert_close(losses, expected, rtol=1e-6, atol=1e-6)
+    # Backward sums in another order too: float32 rounding relative to each gradient's scale (kernels differ
+    # by CPU: AVX512 ones left up to 3.3e-7 on LoRA gradients whose largest elements are 0.4-0.7).
     for got, want in zip(mine, theirs, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
