@@ -69,6 +69,7 @@ class APIServer:
         self._socket = socket.create_server((settings.host, settings.port), family=family, backlog=BACKLOG)
         self._uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
+        self._finished = threading.Event()
 
     @property
     def server_address(self) -> tuple[str, int]:
@@ -89,9 +90,7 @@ class APIServer:
         """Serve on the thread `mmadapter-http` and return once it accepts connections; stop with `close()`."""
         if self._thread is not None:
             return self._thread
-        thread = threading.Thread(
-            target=self._uvicorn.run, kwargs={"sockets": [self._socket]}, name="mmadapter-http", daemon=True
-        )
+        thread = threading.Thread(target=self._run, name="mmadapter-http", daemon=True)
         thread.start()
         self._thread = thread
         deadline = time.monotonic() + timeout
@@ -100,6 +99,21 @@ class APIServer:
         if not self._uvicorn.started:
             raise RuntimeError("the HTTP server did not start; see the log above")
         return thread
+
+    def _run(self) -> None:
+        try:
+            self._uvicorn.run(sockets=[self._socket])
+        finally:
+            self._finished.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether the server thread has ended, after waiting up to `timeout` seconds.
+
+        Use this, not `Thread.join`, where a signal may interrupt the wait: on Python 3.11 and 3.12 an exception
+        raised by a signal handler inside `join` can mark the still running thread as ended (the bpo-45274
+        handler in `Thread._wait_for_tstate_lock`), and every later `join` then returns at once.
+        """
+        return self._finished.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop serving and wait, `timeout` seconds at most in all, until no thread of this server runs.
@@ -114,10 +128,9 @@ class APIServer:
         self.worker.close(max(0.0, deadline - time.monotonic()))
         self._uvicorn.should_exit = True
         if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            if self._thread.is_alive():
+            if not self.wait(max(0.0, deadline - time.monotonic())):
                 self._uvicorn.force_exit = True
-                self._thread.join(1.0)
+                self.wait(1.0)
                 logger.warning(
                     "%d connection(s) still open after %s s; exiting anyway", self.active_connections, timeout
                 )
@@ -141,9 +154,9 @@ def serve_forever(server: APIServer) -> None:
     if in_main_thread:
         signal.signal(signal.SIGTERM, _interrupt)
     try:
-        thread = server.start_background()
-        while thread.is_alive():
-            thread.join(0.5)
+        server.start_background()
+        while not server.wait(0.5):
+            pass
     except KeyboardInterrupt:
         logger.info("stopping: answering the requests in flight, then exiting")
     finally:
