@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mmadapter.adapters.backbones.chatglm.chat import CHAT_DEFAULTS
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
 from mmadapter.adapters.backbones.presets import BASE_PRESETS
+from mmadapter.adapters.backbones.quantization import set_cpu_4bit_repacking
 from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
 from mmadapter.adapters.io.hub import download_adapter
 from mmadapter.adapters.methods.base import get_method
@@ -214,6 +215,7 @@ def load_served_model(
     # A broken adapter config fails here, before the base loads for minutes.
     document = {} if folder is None else read_adapter_config(folder)
     model = load_base_model(base, dtype=dtype, device=device, quantization=quantization)
+    set_cpu_4bit_repacking(model, enabled=True)  # served models never train
     if folder is not None:
         load_adapter(model, folder, **(adapter_overrides or {}))
         model.to(device)
@@ -291,6 +293,7 @@ def load_served_models(
             quantization=quantization,
         )
     model = load_base_model(base, dtype=dtype, device=device, quantization=quantization)
+    set_cpu_4bit_repacking(model, enabled=True)  # served models never train
     shells = {name: make_shell(model) for name in folders}  # all before any routing is installed on the base
     for name, folder in folders.items():
         load_adapter(shells[name], folder, **(adapter_overrides or {}))

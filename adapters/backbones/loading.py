@@ -20,7 +20,7 @@ from mmadapter.adapters.backbones.presets import BASE_PRESETS, base_config, buil
 from mmadapter.adapters.backbones.quantization import (
     bitsandbytes_config,
     check_quantization,
-    keep_4bit_weights_differentiable,
+    set_cpu_4bit_repacking,
 )
 from mmadapter.core.files import torch_file_errors
 from mmadapter.core.quantization import Quantization
@@ -128,7 +128,7 @@ def _load_quantized(
         )
     else:
         model = _from_folder(base, dtype, attn_implementation, **options)
-    keep_4bit_weights_differentiable(model)
+    set_cpu_4bit_repacking(model, enabled=False)  # a loaded base may train
     return model
 
 
