@@ -52,7 +52,13 @@ def set_cpu_4bit_repacking(model: nn.Module, enabled: bool) -> None:
     allowed = enabled and bool(bnb.functional.has_avx512bf16())
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = allowed
+            module.support_avx512bf16_for_cpu = allowed and _repackable(module)
+
+
+def _repackable(linear: nn.Module) -> bool:
+    """The packed layout tiles output rows by 32 and the scales by whole blocks of an input row; other shapes
+    fail bitsandbytes' assertions at the first forward (a 344-wide MLP, as in the demo's tiny LLaMA)."""
+    return linear.out_features % 32 == 0 and linear.in_features % linear.weight.quant_state.blocksize == 0
 
 
 def check_quantization(quantization: Quantization, device: str | torch.device, where: str) -> None:
