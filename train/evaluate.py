@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
 from mmadapter.adapters.backbones.presets import BASE_PRESETS
 from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
+from mmadapter.adapters.methods.llama_adapter_v2 import takes_images, visual_prompter_of
+from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
 from mmadapter.core.encoding import encode_prompt
 from mmadapter.core.examples import Example
 from mmadapter.core.quantization import Quantization
@@ -119,7 +121,9 @@ def generation_scores(
     seed: int = 0,
     limit: int | None = None,
 ) -> dict[str, Any]:
-    """Generate an answer for every text sample and score it with the official ROUGE / BLEU-4."""
+    """Generate an answer for every sample and score it with the official ROUGE / BLEU-4. An adapter that takes
+    images sees each sample's image (eval transform), and text-only samples as its training showed them; for
+    any other adapter, image samples are left out."""
 
     torch.manual_seed(seed)
     predictions, references = [], []
@@ -128,6 +132,8 @@ def generation_scores(
     template = data_template(data, tokenizer)
     # A chat template's end-of-turn token ends an answer too (Llama 3's <|eot_id|> is not its EOS).
     stops = {"eos_token_id": [tokenizer.eos_token_id, *template.stop_token_ids]} if template.stop_token_ids else {}
+    prompter = visual_prompter_of(model) if takes_images(model) else None
+    load_pixels = None if prompter is None else prompter.pixel_loader(train=False)
     for source in sources:
         examples = [
             e
@@ -141,18 +147,24 @@ def generation_scores(
             )
         ]
         for example in tqdm(examples, desc=f"generating {Path(source.path).name}", leave=False):
-            if not isinstance(example, Example) or example.image is not None:
+            if not isinstance(example, Example) or (example.image is not None and prompter is None):
                 continue
             prompt, reference = _prompt_and_reference(example, tokenizer, data, source, template)
+            image = {}
+            if prompter is not None:
+                pixels = None if example.image is None else load_pixels(example.image)["pixel_values"][None]
+                visual = prompter(pixel_values=None if pixels is None else pixels.to(device))
+                image = {} if visual is None else {VISUAL_PROMPT_KWARG: visual}
             output = model.generate(
                 torch.tensor([prompt], device=device),
                 max_new_tokens=max_new_tokens or data.max_target_length,
                 pad_token_id=tokenizer.pad_token_id,
                 **sampling,
                 **stops,
+                **image,
             )
             predictions.append(tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip())
             references.append(reference)
     if not predictions:
-        raise ValueError("no text samples to generate answers for")
+        raise ValueError("no samples to generate answers for (image samples need an adapter that takes images)")
     return {**corpus_scores(predictions, references), "generated": len(predictions), "sampling": sampling}
