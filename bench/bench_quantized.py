@@ -65,9 +65,10 @@ def main() -> None:
 
     kernel = bool(bitsandbytes.functional.has_avx512bf16())
     off = statistics.median(speeds["off"])
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
     print(
-        f"LLaMA {layers} layers x {width} (vocab {vocab}) in NF4, cpu ({platform.processor() or 'cpu'}, "
-        f"{args.threads} thread{'s' if args.threads > 1 else ''}, AVX512-BF16 kernel {'available' if kernel else 'not available'})"
+        f"LLaMA {layers} layers x {width} (vocab {vocab}) in NF4, cpu ({platform.processor() or 'cpu'}, {threads}, "
+        f"AVX512-BF16 kernel {'available' if kernel else 'not available'})"
     )
     print(f"prompt {prompt_length} tokens, {new_tokens} new tokens greedy, median of {rounds} interleaved runs")
     table = Table(["CPU repacking", "tokens/s", "× off"])

@@ -19,7 +19,6 @@ from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
 from mmadapter.adapters.backbones.presets import BASE_PRESETS
 from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
 from mmadapter.adapters.methods.llama_adapter_v2 import takes_images, visual_prompter_of
-from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
 from mmadapter.core.encoding import encode_prompt
 from mmadapter.core.examples import Example
 from mmadapter.core.quantization import Quantization
@@ -35,7 +34,7 @@ from mmadapter.train.data import (
 )
 from mmadapter.train.loss import TokenLoss, evaluate
 from mmadapter.train.metrics import corpus_scores
-from mmadapter.train.multimodal import image_loader_for
+from mmadapter.train.multimodal import image_loader_for, model_inputs
 from mmadapter.train.readers import read_examples
 from mmadapter.train.recipe import DataSection, DataSource, parse_recipe
 from mmadapter.train.setup import has_accelerator_device, pad_token_id
@@ -132,8 +131,7 @@ def generation_scores(
     template = data_template(data, tokenizer)
     # A chat template's end-of-turn token ends an answer too (Llama 3's <|eot_id|> is not its EOS).
     stops = {"eos_token_id": [tokenizer.eos_token_id, *template.stop_token_ids]} if template.stop_token_ids else {}
-    prompter = visual_prompter_of(model) if takes_images(model) else None
-    load_pixels = None if prompter is None else prompter.pixel_loader(train=False)
+    load_pixels = visual_prompter_of(model).pixel_loader(train=False) if takes_images(model) else None
     for source in sources:
         examples = [
             e
@@ -147,21 +145,18 @@ def generation_scores(
             )
         ]
         for example in tqdm(examples, desc=f"generating {Path(source.path).name}", leave=False):
-            if not isinstance(example, Example) or (example.image is not None and prompter is None):
+            if not isinstance(example, Example) or (example.image is not None and load_pixels is None):
                 continue
             prompt, reference = _prompt_and_reference(example, tokenizer, data, source, template)
-            image = {}
-            if prompter is not None:
-                pixels = None if example.image is None else load_pixels(example.image)["pixel_values"][None]
-                visual = prompter(pixel_values=None if pixels is None else pixels.to(device))
-                image = {} if visual is None else {VISUAL_PROMPT_KWARG: visual}
+            ids = torch.tensor([prompt], device=device)
+            pixels = {} if example.image is None else load_pixels(example.image)
+            image = {name: value[None].to(device) for name, value in pixels.items()}
             output = model.generate(
-                torch.tensor([prompt], device=device),
+                **model_inputs(model, ids, torch.ones_like(ids), image),
                 max_new_tokens=max_new_tokens or data.max_target_length,
                 pad_token_id=tokenizer.pad_token_id,
                 **sampling,
                 **stops,
-                **image,
             )
             predictions.append(tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip())
             references.append(reference)

@@ -5,8 +5,8 @@ For data that does not fit in memory (caption pretraining on millions of image-t
 path's readers, one shard in memory at a time), Parquet files (read a record batch at a time, rows
 parsed by the same row parsers) or WebDataset-style tar files of image + caption samples (read member by
 member; what img2dataset writes for LAION or CC3M: `000012.jpg` beside `000012.txt` and/or `000012.json`).
-The main process reads and validates rows; tokenizing and image decoding happen in DataLoader workers (`data.num_workers`; 0 does it in the main process), with the
-in-memory path's encoder and image loading.
+The main process reads and validates rows; tokenizing and image decoding happen in DataLoader workers
+(`data.num_workers`; 0 does it in the main process), with the in-memory path's encoder and image loading.
 
 Order: the stream is cut into windows of `data.shuffle_window` usable rows, in shard order (sorted names).
 A window is shuffled and batched exactly as the in-memory path batches a whole epoch (batching.py,
