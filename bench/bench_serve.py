@@ -26,19 +26,17 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 from bench_generate import randomize_adapter, word_tokenizer
-from benchlib import RESULTS, GPUClock, Table, add_device_arguments, chosen_dtype, write_results
+from benchlib import RESULTS, GPUClock, Table, add_device_arguments, chosen_dtype, run_header, write_results
 
 from mmadapter.adapters import attach_adapter, build_base_model, make_config, save_adapter
 from mmadapter.adapters.backbones.presets import llama_config
@@ -396,11 +394,9 @@ def main() -> None:
             for server in servers.values():
                 server.close()
 
-    device = (
-        torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or "cpu"
-    )
+    header = run_header("serve", args, args.dtype)
     print(
-        f"LLaMA {layers} x {width} (vocab {vocab}) + V1 routed, {args.dtype}, {args.device} ({device}, "
+        f"LLaMA {layers} x {width} (vocab {vocab}) + V1 routed, {args.dtype}, {args.device} ({header['device_name']}, "
         f"{args.threads} torch thread(s) per process)"
     )
     print(f"prompts {prompt_tokens} tokens, {new_tokens} new tokens greedy, streaming HTTP clients all sending at once")
@@ -446,13 +442,7 @@ def main() -> None:
         print(f"\n[{name}]")
         table.print()
     document = {
-        "benchmark": "serve",
-        "date": date.today().isoformat(),
-        "device": args.device,
-        "device_name": device,
-        "dtype": args.dtype,
-        "threads": args.threads,
-        "torch": torch.__version__,
+        **header,
         "model": {"layers": layers, "hidden": width, "vocab": vocab, "adapter": "llama-adapter-v1"},
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,21 @@ def add_device_arguments(parser: argparse.ArgumentParser, threads_help: str = "t
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--threads", type=int, default=1, help=threads_help)
+
+
+def run_header(benchmark: str, args: argparse.Namespace, dtype: torch.dtype | str) -> dict[str, Any]:
+    """The fields a benchmark's JSON opens with: what ran, when, on which device, in which dtype, on how many
+    threads (for the scripts that take `add_device_arguments`)."""
+    on_cuda = args.device.startswith("cuda")
+    return {
+        "benchmark": benchmark,
+        "date": date.today().isoformat(),
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(args.device) if on_cuda else platform.processor() or "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": args.threads,
+        "torch": torch.__version__,
+    }
 
 
 def chosen_dtype(args: argparse.Namespace) -> torch.dtype:

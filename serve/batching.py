@@ -4,10 +4,10 @@ Every `step()` runs at most one prefill chunk for the requests that are joining 
 that fit, padded together, in chunks of about `prefill_tokens` tokens so a long prompt does not
 stall the running streams) and one decoding step for every running request. A request's first
 token comes from its prefill; it then joins the running batch, whose KV cache is one transformers
-`DynamicCache`: rows are right-aligned (left padding), with an attention mask over the cached
-columns and position ids counted over each row's real tokens, so a row's logits equal the row
-alone up to float rounding. A finished or cancelled row leaves at once (its cache row is dropped,
-and columns that are padding for every remaining row are cut).
+`DynamicCache` (layers growing in place, `serve.kv_cache`): rows are right-aligned (left padding),
+with an attention mask over the cached columns and position ids counted over each row's real tokens,
+so a row's logits equal the row alone up to float rounding. A finished or cancelled row leaves at
+once (its cache row is dropped, and columns that are padding for every remaining row are cut).
 
 Sampling is per request: its own settings, its own `torch.Generator` (seeded or fresh), its own
 history for the repetition penalty, so what a request draws never depends on its neighbours.
@@ -41,6 +41,7 @@ from transformers import DynamicCache
 from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
 from mmadapter.adapters.methods.routing import RowRouting, routed
 from mmadapter.serve.generate import GenerationEngine, RowText, TextDelta
+from mmadapter.serve.kv_cache import new_kv_cache
 from mmadapter.serve.sampling import SamplingParams, TokenChooser
 
 
@@ -110,7 +111,7 @@ class _Prefill:
             self.mask[row, width - len(prompt) :] = 1
         self.ids, self.mask = self.ids.to(device), self.mask.to(device)
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache = DynamicCache(config=config)
+        self.cache = new_kv_cache(config)
         self.done = 0
 
     @property

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 from mmadapter.adapters.backbones.chatglm.chat import InvalidScoreLogitsProcessor, process_response
 from mmadapter.adapters.backbones.chatglm.masks import glm_position_ids
 from mmadapter.adapters.backbones.chatglm.modeling import special_ids
+from mmadapter.serve.kv_cache import new_kv_cache
 
 
 class CausalLMInputs:
@@ -34,7 +35,7 @@ class CausalLMInputs:
         self.padded = not bool(attention_mask.all())
         self.position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.input_ids = input_ids
-        self.cache = DynamicCache(config=model.config)
+        self.cache = new_kv_cache(model.config)
 
     def _forward(self, extra: dict[str, Any]) -> torch.Tensor:
         output = self.model(
@@ -68,7 +69,7 @@ class GLMInputs:
         self.input_ids = input_ids
         self.sequence = input_ids
         self.attention_mask = attention_mask
-        self.cache = DynamicCache(config=model.config)
+        self.cache = new_kv_cache(model.config)
         self._special = special_ids(model.config)
         self._positions = glm_position_ids
 
