@@ -6,6 +6,7 @@ Cheap to import: torch and the loop load inside `run_*`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -87,6 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.recipe is None and args.resume is None:
         raise ValueError("give a RECIPE, or --resume DIR to continue a run")
     if args.recipe is None:
+        announce_loading()  # what follows imports torch and loads models
         from mmadapter.train.checkpointing import RECIPE_FILE, find_checkpoint
 
         checkpoint = find_checkpoint(args.resume).checkpoint  # train() says which damaged ones it skips
@@ -95,14 +97,20 @@ def run_train(args: argparse.Namespace) -> int:
             recipe.output_dir = str(checkpoint.parent.parent)
     else:
         recipe = load_recipe(args.recipe, overrides)
-    announce_loading()  # the recipe is checked; what follows imports torch and loads models
+        announce_loading()  # the recipe is checked; what follows imports torch and loads models
+        if args.resume is not None:  # a checkpoint of another adapter is refused before the base loads
+            from mmadapter.train.checkpointing import find_checkpoint
+            from mmadapter.train.resume import check_same_adapter
+
+            check_same_adapter(recipe.to_dict()["adapter"], find_checkpoint(args.resume).checkpoint)
 
     from accelerate import PartialState
 
     from mmadapter.train.loop import TrainingStopped, train
 
     try:
-        result = train(recipe, resume=args.resume)
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():  # stdout: JSON only
+            result = train(recipe, resume=args.resume)
     except TrainingStopped as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from mmadapter.core.chat_templates import CHAT, chat_template_of
 from mmadapter.core.encoding import IGNORE_INDEX, Encoded, encode
 from mmadapter.core.examples import DataError, Example, ImageBytes
+from mmadapter.core.progress import passing_bar
 from mmadapter.core.templates import Template, concrete_template_name, resolve_template
 from mmadapter.train.chatglm_data import ChatGLMDataConfig, ChatGLMRow, build_training_example, training_prompt
 from mmadapter.train.readers import BadSample, read_examples
@@ -172,7 +172,7 @@ def read_source(
         source.max_samples,
         allow_outside_root=source.allow_outside_root,
     )
-    for item in tqdm(rows, desc=f"reading {Path(source.path).name}", disable=not show_progress, leave=False):
+    for item in passing_bar(rows, desc=f"reading {Path(source.path).name}", disable=not show_progress):
         count += 1
         if isinstance(item, BadSample):
             bad.add(item)
@@ -192,7 +192,7 @@ def check_images(samples: list[Sample], bad: BadSampleLog, what: str, show_progr
     problems: dict[Path, str | None] = {}
     kept = []
     show = show_progress and any(s.image is not None for s in samples)
-    for sample in tqdm(samples, desc=f"checking images of {what}", disable=not show, leave=False):
+    for sample in passing_bar(samples, desc=f"checking images of {what}", disable=not show):
         if sample.image is not None and sample.image not in problems:
             problems[sample.image] = image_problem(sample.image)
         if problems.get(sample.image) is None:  # fine, or a text sample

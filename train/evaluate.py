@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from tqdm.auto import tqdm
 
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
 from mmadapter.adapters.backbones.presets import BASE_PRESETS
@@ -21,6 +20,7 @@ from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
 from mmadapter.adapters.methods.llama_adapter_v2 import takes_images, visual_prompter_of
 from mmadapter.core.encoding import encode_prompt
 from mmadapter.core.examples import Example
+from mmadapter.core.progress import passing_bar
 from mmadapter.core.quantization import Quantization
 from mmadapter.core.templates import Template
 from mmadapter.train.chatglm_data import ChatGLMRow, build_eval_example, eval_prompt
@@ -144,7 +144,7 @@ def generation_scores(
                 allow_outside_root=source.allow_outside_root,
             )
         ]
-        for example in tqdm(examples, desc=f"generating {Path(source.path).name}", leave=False):
+        for example in passing_bar(examples, desc=f"generating {Path(source.path).name}"):
             if not isinstance(example, Example) or (example.image is not None and load_pixels is None):
                 continue
             prompt, reference = _prompt_and_reference(example, tokenizer, data, source, template)

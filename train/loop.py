@@ -168,7 +168,7 @@ def optimizer_step(
     grad_norm = None
     if grad_clip is not None:
         grad_norm = float(accelerator.clip_grad_norm_(setup.route.params, grad_clip))
-    lr = setup.scheduler.get_last_lr()[0]
+    lr = setup.optimizer.param_groups[0]["lr"]
     if stats.response_tokens > 0:  # a step whose samples were all unusable changes nothing
         setup.optimizer.step()
     setup.scheduler.step()

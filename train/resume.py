@@ -11,12 +11,14 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from torch.optim.lr_scheduler import LRScheduler
 
 from mmadapter.core.templates import template_record
 from mmadapter.train.checkpointing import (
     CHECKPOINTS,
+    RECIPE_FILE,
     ResumePoint,
     gathered_adapter,
     is_sharded,
@@ -86,8 +88,22 @@ def resume_from(run: Run, point: ResumePoint, progress: Progress) -> ResumeState
         for partial in partial_checkpoints(run.output_dir / CHECKPOINTS):
             shutil.rmtree(partial)
             run.print(f"note: removed {partial.name}, a checkpoint left half-written")
+    check_same_adapter(run.recipe.to_dict()["adapter"], point.checkpoint)
     run.print(f"resuming from {point.checkpoint} (stage {progress.stage_index + 1}, step {progress.step})")
     return load_checkpoint(point.checkpoint, run.model, run.accelerator.process_index)
+
+
+def check_same_adapter(adapter: dict, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint with another recipe's adapter (its weights would not fit the model)."""
+    saved = yaml.safe_load((checkpoint / RECIPE_FILE).read_text(encoding="utf-8"))["adapter"]
+    changed = [key for key in sorted(saved.keys() | adapter.keys()) if saved.get(key) != adapter.get(key)]
+    if changed:
+        key = changed[0]
+        raise ValueError(
+            f"{checkpoint}: the run trained adapter.{key} = {saved.get(key)!r}, the recipe sets {adapter.get(key)!r}; "
+            "resume with the run's own recipe (mmadapter train --resume RUN, without a RECIPE), or start a new run "
+            "in another output_dir"
+        )
 
 
 def restore_training_state(
@@ -97,8 +113,12 @@ def restore_training_state(
     scheduler: LRScheduler,
     optimizer_state: dict | None,
     rng: dict,
-) -> None:
-    """Optimizer, LR schedule and grad scaler as checkpointed, then the RNG states (last: nothing may draw after)."""
+) -> str | None:
+    """Optimizer, LR schedule and grad scaler as checkpointed, then the RNG states (last: nothing may draw after).
+
+    The schedule resumes at the checkpoint's step but with the recipe's peak learning rate, so `--set train.lr=…`
+    on a resume is what trains; returns a note saying so when the peak differs from the checkpoint's."""
+    note = None
     if optimizer_state is not None:
         shards, sharded = optimizer_state.get("optimizer_shards"), is_fsdp2(accelerator)
         if (shards is not None and not sharded) or (sharded and "optimizer" in optimizer_state):
@@ -111,7 +131,17 @@ def restore_training_state(
             load_sharded_optimizer(Path(shards), model, unwrapped(optimizer))
         elif "optimizer" in optimizer_state:
             optimizer.load_state_dict(optimizer_state["optimizer"])
+        planned = list(scheduler.base_lrs)
         scheduler.load_state_dict(optimizer_state["scheduler"])
+        if scheduler.base_lrs != planned:
+            note = (
+                f"note: peak lr {planned[0]:.4g} (recipe) instead of the checkpoint's {scheduler.base_lrs[0]:.4g}; "
+                f"the schedule continues from step {scheduler.last_epoch} with the recipe's"
+            )
+            scheduler.base_lrs = planned
+            for group, peak, multiplier in zip(optimizer.param_groups, planned, scheduler.lr_lambdas, strict=True):
+                group["lr"] = peak * multiplier(scheduler.last_epoch)
         if accelerator.scaler is not None and optimizer_state.get("scaler"):
             accelerator.scaler.load_state_dict(optimizer_state["scaler"])
     set_rng_state(rng)
+    return note

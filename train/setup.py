@@ -277,7 +277,9 @@ def setup_stage(run: Run, stage: StageSection, resume_state: ResumeState | None)
         set_deepspeed_micro_batch(accelerator, stage.train.batch_size)
         loss_module, optimizer = accelerator.prepare(TokenLoss(run.model), optimizer)
     if resume_state is not None:
-        restore_training_state(accelerator, run.model, optimizer, scheduler, *resume_state)
+        note = restore_training_state(accelerator, run.model, optimizer, scheduler, *resume_state)
+        if note is not None:
+            run.print(note)
     return StageSetup(route, report, dataset, eval_set, bad, collate, schedule, loss_module, optimizer, scheduler)
 
 
@@ -339,7 +341,7 @@ def load_stage_data(
     eval_samples = samples[: data.eval_from_train]
     if data.eval:
         eval_samples += load_samples(data.eval, run.tokenizer, data, kinds, stage.trains, bad, show_progress=show)
-    rows = run.model.get_input_embeddings().num_embeddings
+    rows = run.model.get_input_embeddings().weight.shape[0]  # peft wraps a LoRA-tuned embedding
     check_token_ids(samples + eval_samples, run.tokenizer, pad_token_id(run.tokenizer), rows)
     loader = eval_loader = None
     with_images = list({s.source: s for s in samples + eval_samples if s.image is not None}.values())

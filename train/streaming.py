@@ -470,7 +470,7 @@ def load_streamed_data(
             raise DataError(f"data.train.{j}.path: {source.path}: no data shards ({', '.join(SHARD_SUFFIXES)})")
     if data.group_by_length:
         run.print("note: a streamed stage does not group batches by length (lengths are known only once tokenized)")
-    rows = run.model.get_input_embeddings().num_embeddings
+    rows = run.model.get_input_embeddings().weight.shape[0]  # peft wraps a LoRA-tuned embedding
     show = run.accelerator.is_local_main_process
     eval_samples = load_samples(data.eval, run.tokenizer, data, kinds, stage.trains, bad, show_progress=show)
     check_token_ids(eval_samples, run.tokenizer, pad_id, rows)

@@ -16,9 +16,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from mmadapter.cli.demo import world
+from mmadapter.core.progress import passing_bar
 
 CAPTIONS_FILE = "captions.jsonl"
 VQA_FILE = "vqa.json"
@@ -43,7 +42,7 @@ def write_images(scenes: Sequence[world.Scene], folder: Path, image_size: int, d
     """Render scenes to `folder/NNNNN.png` (skipping files already there from an earlier run)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for scene in tqdm(scenes, desc=desc, unit="image", leave=False):
+    for scene in passing_bar(scenes, desc=desc, unit="image"):
         path = folder / image_name(scene)
         if not path.is_file():
             world.render(scene, image_size).save(path)

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mmadapter.adapters.methods.llama_adapter_v2 import visual_prompter_of
 from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
 from mmadapter.cli.demo import world
+from mmadapter.core.progress import passing_bar
 from mmadapter.core.templates import get_template
 from mmadapter.serve.generate import GenerationEngine
 from mmadapter.serve.sampling import SamplingParams
@@ -91,7 +91,7 @@ def generate(
     prompter = visual_prompter_of(model)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0)
     texts: list[str] = []
-    for start in tqdm(range(0, len(probes), batch_size), desc=desc, unit="batch", leave=False):
+    for start in passing_bar(range(0, len(probes), batch_size), desc=desc, unit="batch"):
         chunk = probes[start : start + batch_size]
         features = clip_features[[p.image for p in chunk]]
         extra = {VISUAL_PROMPT_KWARG: prompter(clip_features=features)}

@@ -59,6 +59,20 @@ def test_loss_falls_and_only_the_selected_parameters_move(method, make_recipe):
     assert summary["steps"] == 8 and summary["tokens"] > 0 and summary["parameters"]["trainable_params"] > 0
 
 
+def test_lora_on_the_embedding_trains_it(make_recipe):
+    """peft wraps a LoRA-tuned embedding in a module of its own; the data's token ids are still checked against
+    the embedding's rows, and the embedding's LoRA factors train."""
+    torch.manual_seed(0)
+    model = attach_adapter(
+        build_base_model(base_config("tiny-llama")), make_config("lora", r=4, target_modules=["embed_tokens", "q_proj"])
+    )
+    recipe = make_recipe(method="lora", train={"lr": 0.05, "max_steps": 4})
+    before = {n: p.detach().clone() for n, p in trainable_parameters(model).items() if "embed_tokens" in n}
+    result = train(recipe, model=model)
+    assert before and all(not torch.equal(model.get_parameter(n), p) for n, p in before.items())
+    assert any("embed_tokens" in key for key in load_file(result.adapter_dir / "adapter_model.safetensors"))
+
+
 def test_nonfinite_loss_stops_before_the_update_naming_the_sample(make_recipe, tmp_path, tiny_tokenizer):
     rows = alpaca_rows(16)
     rows[5]["instruction"] = "what colour is the bottom shape"  # the only row with "bottom"

@@ -82,3 +82,49 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(make_recipe, tmp_path
     assert (checkpoints / "ckpt-0000004/recipe.yaml").is_file() and (
         checkpoints / "ckpt-0000004/optimizer.pt"
     ).is_file()
+
+
+def test_a_resume_trains_with_the_recipes_learning_rate(make_recipe, tmp_path, capsys):
+    """`--resume RUN --set train.lr=…` continues the schedule at the checkpoint's step with the new peak: the
+    schedule is linear in its peak (min_lr 0), so each resumed step's lr is the first run's lr at that step × 3."""
+    document = make_recipe(
+        method="llama-adapter-v1",
+        train={"max_steps": 6, "save_every": 2, "log_every": 1, "lr": 0.01, "warmup_steps": 2, "min_lr": 0.0},
+        parsed=False,
+    )
+    recipe, run = tmp_path / "recipe.yaml", tmp_path / "run"
+    recipe.write_text(yaml.safe_dump(document))
+    assert main(["train", str(recipe), "--set", f"output_dir={run}"]) == 0
+    first = json.loads((run / "adapter/training_summary.json").read_text())["stages"][0]["history"]
+    capsys.readouterr()
+
+    assert main(["train", "--resume", str(run), "--set", "train.lr=0.03"]) == 0  # from ckpt-0000004
+    assert "note: peak lr 0.03 (recipe) instead of the checkpoint's 0.01" in capsys.readouterr().out
+    resumed = json.loads((run / "adapter/training_summary.json").read_text())["stages"][0]["history"]
+    lrs = {h["step"]: h["lr"] for h in first}
+    assert [h["step"] for h in resumed][-2:] == [5, 6]
+    for record in resumed[-2:]:
+        assert record["lr"] == pytest.approx(3 * lrs[record["step"]], rel=1e-12), record
+
+
+def test_a_checkpoint_of_another_adapter_is_refused_with_what_differs(make_recipe, tmp_path, capsys):
+    v1 = make_recipe(method="llama-adapter-v1", train={"max_steps": 4, "save_every": 2}, parsed=False)
+    run = tmp_path / "run"
+    (tmp_path / "v1.yaml").write_text(yaml.safe_dump(v1))
+    assert main(["train", str(tmp_path / "v1.yaml"), "--set", f"output_dir={run}"]) == 0
+    lora = make_recipe(method="lora", adapter={"options": {"r": 4}}, parsed=False)
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(lora))
+    capsys.readouterr()
+
+    assert main(["train", str(tmp_path / "lora.yaml"), "--resume", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert "ckpt-0000002: the run trained adapter.method = 'llama-adapter-v1', the recipe sets 'lora'" in error
+
+
+def test_train_json_prints_only_json_on_stdout(make_recipe, tmp_path, capsys):
+    document = make_recipe(method="llama-adapter-v1", train={"max_steps": 2, "save_every": 1}, parsed=False)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(document))
+    assert main(["train", str(tmp_path / "recipe.yaml"), "--set", f"output_dir={tmp_path / 'run'}", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["steps"] == 2  # the whole of stdout is one JSON document
+    assert "checkpoint:" in err and "schedule:" in err  # the log went to stderr
