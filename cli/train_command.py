@@ -57,6 +57,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--option", action="append", metavar="KEY=VALUE", help="format option (chatglm columns)")
     evaluate.add_argument("--base", help="base model preset or folder (default: the one it was trained on)")
     evaluate.add_argument("--tokenizer", help="tokenizer folder (default: the training recipe's)")
+    evaluate.add_argument(
+        "--clip-weights", help="local CLIP weights for a multimodal adapter (overrides the saved path)"
+    )
     add_quantize_option(evaluate)
     evaluate.add_argument("--set", action="append", metavar="KEY=VALUE", help="data setting, e.g. max_length=256")
     evaluate.add_argument("--batch-size", type=int, default=4)
@@ -88,13 +91,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.recipe is None and args.resume is None:
         raise ValueError("give a RECIPE, or --resume DIR to continue a run")
     if args.recipe is None:
-        announce_loading()  # what follows imports torch and loads models
         from mmadapter.train.checkpointing import RECIPE_FILE, find_checkpoint
 
         checkpoint = find_checkpoint(args.resume).checkpoint  # train() says which damaged ones it skips
         recipe = load_recipe(checkpoint / RECIPE_FILE, overrides)
         if "output_dir" not in overrides:  # the run's folder, wherever it was started from
             recipe.output_dir = str(checkpoint.parent.parent)
+        announce_loading()  # the recipe is checked; what follows loads models
     else:
         recipe = load_recipe(args.recipe, overrides)
         announce_loading()  # the recipe is checked; what follows imports torch and loads models
@@ -102,7 +105,7 @@ def run_train(args: argparse.Namespace) -> int:
             from mmadapter.train.checkpointing import find_checkpoint
             from mmadapter.train.resume import check_same_adapter
 
-            check_same_adapter(recipe.to_dict()["adapter"], find_checkpoint(args.resume).checkpoint)
+            check_same_adapter(recipe.adapter, find_checkpoint(args.resume).checkpoint)
 
     from accelerate import PartialState
 
@@ -138,7 +141,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from mmadapter.train.recipe import DataSection, DataSource, build_section
 
     quantization = quantization_option(args.quantize, None)
-    model, tokenizer, data = load_for_eval(args.adapter, args.base, args.tokenizer, quantization=quantization)
+    model, tokenizer, data = load_for_eval(
+        args.adapter, args.base, args.tokenizer, quantization=quantization, clip_weights=args.clip_weights
+    )
     settings = parse_assignments(args.set)
     if settings:  # checked like a recipe's data section
         data = build_section(DataSection, {**dataclasses.asdict(data), **settings}, "data")

@@ -57,13 +57,20 @@ def load_for_eval(
     tokenizer: str | None = None,
     dtype=None,
     quantization: Quantization | None = None,
+    clip_weights: str | None = None,
 ):
     """(model with the adapter, tokenizer, data settings of the last training stage or defaults); a quantized
-    base loads straight onto the device the evaluation runs on."""
+    base loads straight onto the device the evaluation runs on. `clip_weights` replaces the saved CLIP path (V2)."""
 
     document = read_adapter_config(adapter_dir)
     recipe = saved_recipe(adapter_dir)
-    base = base or (recipe.model.base if recipe else None) or document.get("base", {}).get("name_or_path")
+    saved_base = (recipe.model.base if recipe else None) or document.get("base", {}).get("name_or_path")
+    if base is None and saved_base and saved_base not in BASE_PRESETS and not Path(saved_base).exists():
+        raise FileNotFoundError(
+            f"{adapter_dir}: the adapter was trained on {saved_base}, which is not here (a path relative to the folder "
+            "it was trained in?); pass --base PATH"
+        )
+    base = base or saved_base
     if not base:
         raise ValueError(f"{adapter_dir}: the adapter does not say which base model it needs; pass --base")
     folder = tokenizer or (recipe.model.tokenizer if recipe else None) or base
@@ -74,7 +81,7 @@ def load_for_eval(
     device = PartialState(cpu=not has_accelerator_device()).device if quantization is not None else "cpu"
     dtype = dtype or (recipe.model.dtype if recipe else None)
     model = load_base_model(base, dtype=dtype, device=device, quantization=quantization)
-    load_adapter(model, adapter_dir)
+    load_adapter(model, adapter_dir, **({"clip_pretrained": clip_weights} if clip_weights else {}))
     data = recipe.stages[-1].data if recipe else DataSection(template=document.get("prompt_template") or "alpaca")
     return model.eval(), load_tokenizer(folder), data
 

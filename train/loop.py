@@ -36,10 +36,11 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
+from mmadapter.adapters.backbones.presets import BASE_PRESETS
 from mmadapter.train.checkpointing import CHECKPOINTS, RECIPE_FILE, find_checkpoint, read_trainer_state
 from mmadapter.train.data import resolve_recipe_templates
 from mmadapter.train.loss import evaluate
-from mmadapter.train.recipe import Recipe, StageSection, dump_recipe
+from mmadapter.train.recipe import Recipe, StageSection, dump_recipe, with_absolute_paths
 from mmadapter.train.reporting import flat_hparams
 from mmadapter.train.resume import ResumeState, resume_from, save_training_state
 from mmadapter.train.setup import StageSetup, build_model, check_input_paths, make_accelerator, setup_stage
@@ -69,6 +70,7 @@ def train(
     """
     output_dir = Path(recipe.output_dir)
     check_input_paths(recipe, model_given=model is not None, tokenizer_given=tokenizer is not None)
+    recipe = with_absolute_paths(recipe, keep=BASE_PRESETS)
     point = find_checkpoint(resume) if resume is not None else None
     if point is None and any((output_dir / CHECKPOINTS).glob("ckpt-*")):
         raise ValueError(

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import warnings
+from collections.abc import Collection
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -414,3 +416,34 @@ def load_recipe(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def absolute_if_local(path: str | None) -> str | None:
+    """`path` made absolute if it names something here; anything else (a hub id, a tag, None) as written."""
+    if path and not os.path.isabs(path) and os.path.exists(path):
+        return os.path.abspath(path)
+    return path
+
+
+def with_absolute_paths(recipe: Recipe, keep: Collection[str] = ()) -> Recipe:
+    """A copy whose local paths are absolute, so what a run saves (its recipe.yaml, the adapter's training record)
+    still finds the base, tokenizer, CLIP weights, starting adapter and data when eval, chat, serve or --resume
+    run in another folder. Names in `keep` (base presets) stay as written, and so does the output folder."""
+    recipe = copy.deepcopy(recipe)
+    if recipe.model.base not in keep:
+        recipe.model.base = absolute_if_local(recipe.model.base)
+    recipe.model.tokenizer = absolute_if_local(recipe.model.tokenizer)
+    recipe.adapter = absolute_adapter_paths(recipe.adapter)
+    for stage in recipe.stages:
+        for source in [*stage.data.train, *stage.data.eval]:
+            source.path = absolute_if_local(source.path)
+            source.images = absolute_if_local(source.images)
+    return recipe
+
+
+def absolute_adapter_paths(adapter: AdapterSection) -> AdapterSection:
+    """The adapter section with its starting adapter and CLIP weights (V2) absolute where local."""
+    options = dict(adapter.options)
+    if isinstance(options.get("clip_pretrained"), str):
+        options["clip_pretrained"] = absolute_if_local(options["clip_pretrained"])
+    return dataclasses.replace(adapter, init_from=absolute_if_local(adapter.init_from), options=options)

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -28,7 +27,7 @@ from mmadapter.train.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from mmadapter.train.recipe import StageSection, dump_recipe
+from mmadapter.train.recipe import AdapterSection, StageSection, absolute_adapter_paths, dump_recipe, load_recipe
 from mmadapter.train.sharding import is_fsdp2
 from mmadapter.train.state import Progress, Run
 
@@ -88,14 +87,15 @@ def resume_from(run: Run, point: ResumePoint, progress: Progress) -> ResumeState
         for partial in partial_checkpoints(run.output_dir / CHECKPOINTS):
             shutil.rmtree(partial)
             run.print(f"note: removed {partial.name}, a checkpoint left half-written")
-    check_same_adapter(run.recipe.to_dict()["adapter"], point.checkpoint)
+    check_same_adapter(run.recipe.adapter, point.checkpoint)
     run.print(f"resuming from {point.checkpoint} (stage {progress.stage_index + 1}, step {progress.step})")
     return load_checkpoint(point.checkpoint, run.model, run.accelerator.process_index)
 
 
-def check_same_adapter(adapter: dict, checkpoint: Path) -> None:
+def check_same_adapter(adapter: AdapterSection, checkpoint: Path) -> None:
     """Refuse to resume a checkpoint with another recipe's adapter (its weights would not fit the model)."""
-    saved = yaml.safe_load((checkpoint / RECIPE_FILE).read_text(encoding="utf-8"))["adapter"]
+    saved = dataclasses.asdict(absolute_adapter_paths(load_recipe(checkpoint / RECIPE_FILE).adapter))
+    adapter = dataclasses.asdict(absolute_adapter_paths(adapter))
     changed = [key for key in sorted(saved.keys() | adapter.keys()) if saved.get(key) != adapter.get(key)]
     if changed:
         key = changed[0]

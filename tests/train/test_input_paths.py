@@ -3,6 +3,8 @@ before anything heavy loads, with one line naming the recipe key and how to set 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -78,3 +80,44 @@ def test_a_missing_eval_file_and_a_preset_without_tokenizer(capsys, make_recipe,
 def test_load_tokenizer_names_a_missing_folder():
     with pytest.raises(FileNotFoundError, match=r"^/nonexistent/tok: no such tokenizer folder$"):
         load_tokenizer("/nonexistent/tok")
+
+
+def test_a_run_with_relative_paths_is_evaluated_and_resumed_from_another_folder(
+    make_recipe, tiny_tokenizer, tmp_path, monkeypatch, capsys
+):
+    """What a run saves names its tokenizer and data absolutely: eval and --resume work from any folder."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tiny_tokenizer.save_pretrained(project / "tok")
+    document = make_recipe(train={"max_steps": 4, "save_every": 2}, parsed=False)
+    (project / "data.json").write_text((tmp_path / "alpaca.json").read_text())
+    document["model"]["tokenizer"] = "tok"
+    document["data"]["train"][0]["path"] = "data.json"
+    document["output_dir"] = "run"
+    (project / "recipe.yaml").write_text(yaml.safe_dump(document))
+    monkeypatch.chdir(project)
+    assert main(["train", "recipe.yaml"]) == 0
+    saved = yaml.safe_load((project / "run/recipe.yaml").read_text())
+    assert saved["model"]["tokenizer"] == str(project / "tok")
+    assert saved["stages"][0]["data"]["train"][0]["path"] == str(project / "data.json")
+
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["eval", str(project / "run/adapter"), "--data", str(project / "data.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 16
+    assert main(["train", "--resume", str(project / "run"), "--set", "train.max_steps=6"]) == 0
+    assert (project / "run/checkpoints/ckpt-0000004").is_dir()
+
+
+def test_eval_says_where_a_missing_base_came_from(make_recipe, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(train={"max_steps": 1}, parsed=False)))
+    assert main(["train", str(recipe)]) == 0
+    config = tmp_path / "run/adapter/mmadapter_config.json"
+    document = json.loads(config.read_text())
+    document["training"]["model"]["base"] = "models/gone"
+    config.write_text(json.dumps(document))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run/adapter"), "--data", str(tmp_path / "alpaca.json")]) == 2
+    error = capsys.readouterr().err
+    assert "the adapter was trained on models/gone, which is not here" in error and "pass --base PATH" in error
