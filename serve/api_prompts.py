@@ -3,7 +3,8 @@
 Tokenizing is CPU work that grows with the prompt: on the generation thread a 15.7 MB prompt stalled every other
 client for 33 s (issue 13). The HTTP layer calls `count_prompt_tokens` on a threadpool thread instead, and a prompt
 far over the limit is refused after tokenizing only as much of it as proves that: the texts are counted piece by
-piece (cut before whitespace) and counting stops as soon as even a lower bound on the total exceeds the limit.
+piece (the conversation rendered with its template, cut before whitespace) and counting stops as soon as even a
+lower bound on the total exceeds the limit, so a request of many short messages is refused as fast as one long one.
 Only a prompt that may fit is tokenized whole, exactly as generation will (`chat.prompt_ids`, with
 the template of the turn's adapter).
 """
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Iterator
 
 from transformers import PreTrainedTokenizerBase
 
-from mmadapter.serve.chat import ChatTurn, prompt_ids
+from mmadapter.serve.chat import ChatTurn, prompt_ids, prompt_text
 from mmadapter.serve.generate import PromptTooLongError
 from mmadapter.serve.loader import ServedModel
 
@@ -52,8 +53,8 @@ def count_prompt_tokens(served: ServedModel, turn: ChatTurn, max_prompt_tokens: 
     answer in the model's context. Pure CPU work on the tokenizer: call it off the event loop."""
     context = served.engine.context_length
     limit = min(context - 1, max_prompt_tokens or context)
-    texts = [turn.system, turn.message, *(text for exchange in turn.history for text in exchange)]
-    if (bound := tokens_at_least(served.tokenizer, texts, limit)) > limit:
+    text = prompt_text(served, turn)  # the whole prompt with its template: each turn's headers count too
+    if (bound := tokens_at_least(served.tokenizer, [text], limit)) > limit:
         raise PromptTooLongError(f"the prompt has more than {bound} tokens; {_accepts(limit, context)}")
     ids = prompt_ids(served, turn)
     if len(ids) > limit:

@@ -19,7 +19,7 @@ from mmadapter.adapters.methods.prompt_attention import VISUAL_PROMPT_KWARG
 from mmadapter.serve.batching import BatchScheduler, GenerationRequest
 from mmadapter.serve.generate import TextDelta
 from mmadapter.serve.loader import ServedModel, ServedVariant
-from mmadapter.serve.prompting import encode_chat
+from mmadapter.serve.prompting import chat_text, encode_chat
 from mmadapter.serve.sampling import SamplingParams
 
 
@@ -72,21 +72,24 @@ def visual_inputs(served: ServedModel, image: Image.Image | None) -> dict[str, t
     return {} if prompt is None else {VISUAL_PROMPT_KWARG: prompt}
 
 
+def prompt_text(served: ServedModel, turn: ChatTurn) -> str:
+    """The prompt's text as its template renders it, without special tokens (a string operation)."""
+    return _with_template(chat_text, served, turn)
+
+
 def prompt_ids(served: ServedModel, turn: ChatTurn) -> list[int]:
     """The prompt's token ids for the turn's model id (tokenizer work only: safe on any thread)."""
     if turn.prompt_ids is not None:
         return list(turn.prompt_ids)
-    variant = served.variant(turn.adapter)
+    return _with_template(encode_chat, served, turn)
+
+
+def _with_template(encoding, served: ServedModel, turn: ChatTurn):
+    """`encoding` (chat_text or encode_chat) of the turn's conversation with the template of its model id."""
+    template = served.variant(turn.adapter).template
     model_type = served.model.config.model_type
-    return encode_chat(
-        served.tokenizer,
-        model_type,
-        variant.template,
-        turn.message,
-        turn.history,
-        system=turn.system,
-        image=turn.image is not None,
-    )
+    image = turn.image is not None
+    return encoding(served.tokenizer, model_type, template, turn.message, turn.history, system=turn.system, image=image)
 
 
 def turn_params(served: ServedModel, turn: ChatTurn) -> SamplingParams:

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from mmadapter.core.chat_templates import ChatTemplate, chat_messages
-from mmadapter.core.encoding import chat_prompt_ids, encode_prompt, system_folded
+from mmadapter.core.chat_templates import ChatTemplate, chat_messages, render_chat
+from mmadapter.core.encoding import encode_prompt, render, system_folded
 from mmadapter.core.examples import Example
 from mmadapter.core.templates import Template
 
@@ -47,12 +47,38 @@ def encode_chat(
     """The ids of the prompt that asks for the reply to `message` after `history`. `system` is a chat template's
     system turn (the official templates put it before the first question); `image` says the conversation has a
     picture (V2), which a chat template that renders image parts marks in the first question."""
+    text = chat_text(tokenizer, model_type, template, message, history, system=system, image=image)
+    if isinstance(template, ChatTemplate):
+        return _tokens(tokenizer, text)  # apply_chat_template's text, tokenized as training tokenizes it
+    if uses_glm_layout(model_type):
+        return encode_text(tokenizer, model_type, text)
+    # The official templates put EOS after every earlier reply: training's encoding, without the last reply.
+    return encode_prompt(Example(source="chat", turns=(*history, (message, "")), system=system), tokenizer, template)
+
+
+def chat_text(
+    tokenizer: PreTrainedTokenizerBase,
+    model_type: str,
+    template: Template,
+    message: str,
+    history: Sequence[tuple[str, str]] = (),
+    *,
+    system: str = "",
+    image: bool = False,
+) -> str:
+    """The text `encode_chat` tokenizes, without the special tokens it adds (BOS, EOS after earlier replies,
+    ChatGLM's [gMASK] <sop>): a string operation, so its tokens, counted piece by piece, bound the prompt's
+    from below at a cost linear in its length (`serve.api_prompts`)."""
     turns = (*history, (message, ""))
     if isinstance(template, ChatTemplate):
         messages = chat_messages(turns, system=system, image=image, image_parts=template.image_parts)
-        return chat_prompt_ids(tokenizer, template, messages)
+        return render_chat(tokenizer, template.source, messages, add_generation_prompt=True)
     example = Example(source="chat", turns=turns, system=system)
     if uses_glm_layout(model_type):
-        (*past, (question, _)) = system_folded(example).turns
-        return encode_text(tokenizer, model_type, template.render(question, history=tuple(past)))
-    return encode_prompt(example, tokenizer, template)
+        return _glm_text(template, example)
+    return render(system_folded(example), template, caption_instruction="")[0]
+
+
+def _glm_text(template: Template, example: Example) -> str:
+    (*past, (question, _)) = system_folded(example).turns
+    return template.render(question, history=tuple(past))

@@ -229,6 +229,27 @@ def test_prompt_tokens_are_limited_before_the_request_queues(served, start_serve
     assert post_chat(server, _message("hi"))[0] == 200
 
 
+def test_many_short_messages_are_refused_after_tokenizing_a_little(served, start_server):
+    """Each turn's template headers count toward the bound: 2,000 one-letter exchanges (~30,000 prompt tokens) are
+    refused without the full encoding, whose boundary search tokenizes the conversation once per reply."""
+    server = start_server(max_prompt_tokens=200)
+    exchanges = [
+        {"role": role, "content": text} for _ in range(2000) for role, text in (("user", "a"), ("assistant", "b"))
+    ]
+    seen: list[int] = []
+    encode = served.tokenizer.encode
+    served.tokenizer.encode = lambda text, **options: seen.append(len(text)) or encode(text, **options)
+    try:
+        status, body = post_chat(
+            server, {"model": MODEL_NAME, "messages": [*exchanges, {"role": "user", "content": "hi"}]}
+        )
+    finally:
+        del served.tokenizer.encode
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    assert sum(seen) < 20_000, sum(seen)
+    assert post_chat(server, _message("hi"))[0] == 200
+
+
 @pytest.mark.parametrize(
     "text", ["red " * 3000, "a" * 9000, "ab\n" * 4000 + "日本語" * 1000, "x " * 2047 + "yz" * 2100]
 )
