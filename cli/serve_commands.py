@@ -248,7 +248,9 @@ def run_serve(args: argparse.Namespace) -> int:
     served = _load(args)
     server = APIServer(served, settings)
     server.start_background()
-    print(f"OpenAI-compatible API: {server.url}/v1  (model id {served.name!r})", flush=True)
+    ids = served.model_ids()
+    named = f"model id {ids[0]!r}" if len(ids) == 1 else f"model ids {', '.join(map(repr, ids))}; default {ids[0]!r}"
+    print(f"OpenAI-compatible API: {server.url}/v1  ({named})", flush=True)
     if settings.api_key:
         print("API key required (Authorization: Bearer …)", flush=True)
     elif args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -10,6 +10,7 @@ client that disconnects cancels it. Every error is OpenAI-shaped (`{"error": {"m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -47,6 +48,8 @@ from mmadapter.serve.openai_api import APIError, ResponseIds, chat_turn, invalid
 from mmadapter.serve.worker import Event, Failed, GenerationWorker, QueueFullError, WorkerClosedError
 
 logger = logging.getLogger("mmadapter.serve")
+#: The route whose requests `mmadapter_requests_total` counts, by status.
+CHAT_COMPLETIONS = "/v1/chat/completions"
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 404, 408, 413, 429, 503)
@@ -131,18 +134,25 @@ def _http_error(error: HTTPException) -> APIError:
     return APIError(error.status_code, str(error.detail))
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, metrics: APIMetrics) -> None:
+    def refused(request: Request, error: APIError, headers: dict[str, str] | None = None) -> Response:
+        """A chat completion refused before its route ran (unreadable or invalid body, body limits) is counted
+        here; the route counts every request it answers."""
+        if request.url.path == CHAT_COMPLETIONS:
+            metrics.requests.labels(str(error.status)).inc()
+        return error_response(error, headers)
+
     async def api_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, APIError)
         return error_response(error)
 
     async def invalid_body(request: Request, error: Exception) -> Response:
         assert isinstance(error, RequestValidationError)
-        return error_response(validation_error(error))
+        return refused(request, validation_error(error))
 
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
-        return error_response(_http_error(error), dict(error.headers or {}))
+        return refused(request, _http_error(error), dict(error.headers or {}))
 
     async def unexpected(request: Request, error: Exception) -> Response:
         logger.error("request failed", exc_info=error)
@@ -238,7 +248,8 @@ def _routes(app: FastAPI, state: APIState) -> None:
     async def health() -> JSONResponse:
         """Liveness for load balancers (no API key needed): 503 once the generation thread has stopped."""
         alive = worker.alive
-        body = Health(status="ok" if alive else "unavailable", model=served.name, pending=worker.pending)
+        status = "ok" if alive else "unavailable"
+        body = Health(status=status, model=served.name, models=list(state.model_ids), pending=worker.pending)
         return JSONResponse(body.model_dump(), status_code=200 if alive else 503)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -260,7 +271,7 @@ def _routes(app: FastAPI, state: APIState) -> None:
     stream_schema = {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()}}
 
     @app.post(
-        "/v1/chat/completions",
+        CHAT_COMPLETIONS,
         response_model=ChatCompletion,
         responses={**_ERRORS, 200: {"content": stream_schema}},
     )
@@ -334,6 +345,20 @@ def create_app(state: APIState) -> FastAPI:
         redoc_url=None,
         middleware=middleware,
     )
-    _install_error_handlers(app)
+    _install_error_handlers(app, state.metrics)
     _routes(app, state)
+    app.openapi = functools.partial(_openapi_without_422, app)
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema without the 422 responses it adds to every route with a body: this API answers a body
+    it cannot accept with an OpenAI-shaped 400 (`validation_error`)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return app.openapi_schema

@@ -30,8 +30,18 @@ def _integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**63 else value
 
 
-#: An integer; a float with an integral value (`5.0`, as some JSON encoders write integers) counts as one.
-Integer = Annotated[int, BeforeValidator(_integral)]
+def _bounded(low: int, high: int) -> Any:
+    """An integer from `low` to `high` (a float with an integral value, `5.0` as some JSON encoders write integers,
+    counts as one), bounds set on the integer before the validator wraps it, so /openapi.json
+    states them as JSON Schema's minimum/maximum (bounds on the field itself come out as `ge`/`le`, which clients
+    ignore)."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_integral)]
+
+
+TokenCount = _bounded(1, 2**31 - 1)
+TopK = _bounded(0, 2**31 - 1)
+Seed = _bounded(-(2**63), 2**63 - 1)
+OnlyOne = _bounded(1, 1)
 #: A string that can be encoded (no lone surrogates).
 Text = Annotated[str, AfterValidator(_encodable)]
 StopText = Annotated[Text, Field(min_length=1)]
@@ -87,7 +97,8 @@ class ResponseFormat(_Body):
 
 
 def _unsupported(value: Any, message: str) -> Any:
-    if value not in (None, 0, False, []):
+    """`value` if it asks for nothing (absent, zero, false, empty, "none", text only), else a refusal."""
+    if value not in (None, 0, False, [], {}, "none", ["text"]):
         raise ValueError(message)
     return value
 
@@ -99,17 +110,15 @@ class ChatCompletionRequest(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: Integer | None = Field(None, ge=1, le=2**31)
-    max_completion_tokens: Integer | None = Field(None, ge=1, le=2**31, description="takes precedence over max_tokens")
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = Field(None, description="takes precedence over max_tokens")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: Integer | None = Field(
-        None, ge=0, le=2**31, description="extension: sample from the k most likely (0 = off)"
-    )
+    top_k: TopK | None = Field(None, description="extension: sample from the k most likely (0 = off)")
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="extension: 1 = off")
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    seed: Integer | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    n: Integer | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    seed: Seed | None = None
+    n: OnlyOne | None = Field(None, description="only 1 is supported")
     adapter_scale: float | None = Field(
         None, ge=0.0, le=1.0, description="extension: adapter strength, 0 = the base model, 1 = as trained (default)"
     )
@@ -118,6 +127,13 @@ class ChatCompletionRequest(_Body):
     logprobs: bool | None = Field(None, description="not supported")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported")
     functions: list[dict[str, Any]] | None = Field(None, description="not supported")
+    function_call: Any = Field(None, description="not supported")
+    tool_choice: Any = Field(None, description="not supported (only 'none')")
+    logit_bias: dict[str, Any] | None = Field(None, description="not supported")
+    top_logprobs: Any = Field(None, description="not supported")
+    modalities: list[Any] | None = Field(None, description="only ['text']")
+    audio: Any = Field(None, description="not supported")
+    prediction: Any = Field(None, description="not supported")
     response_format: ResponseFormat | None = None
     user: Text | None = None
 
@@ -126,7 +142,10 @@ class ChatCompletionRequest(_Body):
     def _no_penalty(cls, value: float | None) -> float | None:
         return _unsupported(value, "is not supported; use 'repetition_penalty'")
 
-    @field_validator("logprobs", "tools", "functions")
+    @field_validator(
+        "logprobs", "tools", "functions", "function_call", "tool_choice", "logit_bias", "top_logprobs", "modalities",
+        "audio", "prediction",
+    )  # fmt: skip
     @classmethod
     def _no_extras(cls, value: Any) -> Any:
         return _unsupported(value, "is not supported by this server")
@@ -213,7 +232,8 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
-    model: str
+    model: str = Field(description="the default model id")
+    models: list[str] = Field(description="every model id served (GET /v1/models)")
     pending: int = Field(description="requests generating or waiting")
 
 

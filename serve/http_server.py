@@ -147,7 +147,8 @@ def _already_stopping(signum: int, frame: Any) -> None:
 
 def serve_forever(server: APIServer) -> None:
     """Serve until Ctrl-C or SIGTERM (containers, systemd), then stop cleanly (see `APIServer.close`)."""
-    logger.info("serving %r on %s (OpenAI API at %s/v1)", server.served.name, server.url, server.url)
+    names = ", ".join(repr(name) for name in server.served.model_ids())
+    logger.info("serving %s on %s (OpenAI API at %s/v1)", names, server.url, server.url)
     signals = (signal.SIGINT, signal.SIGTERM)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {signum: signal.getsignal(signum) for signum in signals} if in_main_thread else {}
@@ -158,7 +159,7 @@ def serve_forever(server: APIServer) -> None:
         while not server.wait(0.5):
             pass
     except KeyboardInterrupt:
-        logger.info("stopping: answering the requests in flight, then exiting")
+        logger.info("stopping: requests in flight end with 503 shutting_down, then the server exits")
     finally:
         # A second signal must not cut the shutdown short: that would leave the generation thread in torch.
         for signum in previous:

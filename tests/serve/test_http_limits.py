@@ -68,6 +68,12 @@ BAD_REQUESTS = {
     "adapter_scale above 1": ({**_message("hi"), "adapter_scale": 1.5}, "adapter_scale"),
     "adapter_scale negative": ({**_message("hi"), "adapter_scale": -0.5}, "adapter_scale"),
     "presence_penalty": ({**_message("hi"), "presence_penalty": 0.5}, "presence_penalty"),
+    "logit_bias": ({**_message("hi"), "logit_bias": {"376": -100}}, "logit_bias"),
+    "function_call": ({**_message("hi"), "function_call": "auto"}, "function_call"),
+    "tool_choice": ({**_message("hi"), "tool_choice": "required"}, "tool_choice"),
+    "top_logprobs": ({**_message("hi"), "top_logprobs": 3}, "top_logprobs"),
+    "audio output": ({**_message("hi"), "modalities": ["text", "audio"]}, "modalities"),
+    "prediction": ({**_message("hi"), "prediction": {"type": "content", "content": "x"}}, "prediction"),
     "tools": ({**_message("hi"), "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     "stream_options a list": ({**_message("hi"), "stream": True, "stream_options": []}, "stream_options"),
 }
@@ -197,6 +203,10 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(start_server):
     status, body = post_chat(server, {**_message("what shape is there"), "max_tokens": 5})
     assert status == 200
     assert post_chat(server, {"model": "gpt-4", "messages": [HI]})[0] == 404
+    # Refused before the route runs: failed validation, a body that is not JSON, no JSON content type.
+    assert post_chat(server, {**_message("hi"), "temperature": -1})[0] == 400
+    assert post_chat(server, b'{"model": "m"')[0] == 400
+    assert raw_request(server, "POST", "/v1/chat/completions", json.dumps(_message("hi")).encode(), {})[0] == 400
     status, text = raw_request(server, "GET", "/metrics")
     metrics = dict(line.rsplit(" ", 1) for line in text.decode().splitlines() if line and not line.startswith("#"))
     assert status == 200
@@ -206,6 +216,7 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(start_server):
     assert float(metrics["mmadapter_time_to_first_token_seconds_count"]) == 1
     assert float(metrics['mmadapter_requests_total{status="200"}']) == 1
     assert float(metrics['mmadapter_requests_total{status="404"}']) == 1
+    assert float(metrics['mmadapter_requests_total{status="400"}']) == 3
 
 
 def test_prompt_tokens_are_limited_before_the_request_queues(served, start_server):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+import requests
 
 from mmadapter.serve.chat import ChatTurn, stream_turn
 from mmadapter.serve.loader import BASE_MODEL_ID
@@ -34,6 +35,8 @@ def test_the_model_field_picks_the_adapter_and_adapter_scale_reaches_it(two_adap
     server = start_server(two_adapters)
     client = client_for(server)
     assert {model.id for model in client.models.list().data} == {"v1", "v2", "lora", BASE_MODEL_ID}
+    health = requests.get(f"{server.url}/health", timeout=10).json()
+    assert set(health["models"]) == {"v1", "v2", "lora", BASE_MODEL_ID} and health["model"] == health["models"][0]
     messages = [{"role": "user", "content": QUESTION}]
     answers = {}
     for model in ("v1", "lora", BASE_MODEL_ID):

@@ -71,3 +71,21 @@ def test_generated_requests_never_get_a_server_error(start_server, mode):
     assert expected & set(chat_statuses), chat_statuses  # ... down to generation (valid) or the checks (invalid)
     health = requests.get(f"{server.url}/health", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["pending"] == 0
+
+
+def test_the_schema_states_bounds_in_json_schema_terms_and_no_status_the_server_never_sends(start_server):
+    schema = requests.get(f"{start_server().url}/openapi.json", timeout=10).json()
+    assert not {"ge", "le"} & _keys(schema)  # pydantic's names; JSON Schema (and client generators) ignore them
+    fields = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert fields["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
+    assert fields["n"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 1}
+    statuses = {status for path in schema["paths"].values() for op in path.values() for status in op["responses"]}
+    assert "400" in statuses and "422" not in statuses  # a body it cannot accept gets an OpenAI-shaped 400
+
+
+def _keys(document) -> set[str]:
+    if isinstance(document, dict):
+        return set(document) | {key for value in document.values() for key in _keys(value)}
+    if isinstance(document, list):
+        return {key for value in document for key in _keys(value)}
+    return set()
