@@ -19,7 +19,7 @@ _SIZE = re.compile(r"\d+(?:[KMG]i?B)?")
 
 def shard_size(value: str) -> str | int:
     """argparse type of a shard size as transformers reads it: bytes, or a number with KB, MB, GB (or KiB, …)."""
-    if not _SIZE.fullmatch(value):
+    if not _SIZE.fullmatch(value) or int(re.match(r"\d+", value).group()) == 0:
         raise argparse.ArgumentTypeError(f"{value!r} is not a size: use e.g. 5GB, 500MB or 2GiB")
     return int(value) if value.isdigit() else value
 

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from mmadapter.cli import errors
 
@@ -27,8 +28,16 @@ COMMAND_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistyped option gets the one error line and a pointer to --help, not the whole usage
+    (`mmadapter serve`'s is 25 lines, which buries the line that says what is wrong)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mmadapter",
         description="Parameter-efficient, multimodal fine-tuning of LLaMA and ChatGLM.",
     )

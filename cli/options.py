@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import socket
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -23,6 +25,25 @@ def parse_assignments(items: list[str] | None) -> dict[str, Any]:
             raise ValueError(f"expected key=value, got {item!r}")
         result[key.strip()] = yaml.safe_load(value)
     return result
+
+
+def flag_value(parse: Callable[[str], Any], accept: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse type: the text `parse`d, if `accept`ed; else an error saying it is not `what`."""
+
+    def convert(value: str) -> Any:
+        with contextlib.suppress(ValueError):
+            if accept(number := parse(value)):
+                return number
+        raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
+
+    return convert
+
+
+positive_number = flag_value(float, lambda number: 0 < number < float("inf"), "a positive number")
+positive_count = flag_value(int, lambda number: number >= 1, "a whole number of at least 1")
+count = flag_value(int, lambda number: number >= 0, "a whole number (0 or more)")
+temperature = flag_value(float, lambda number: 0 <= number < float("inf"), "a temperature (0 = greedy, or more)")
+probability = flag_value(float, lambda number: 0 < number <= 1, "a probability above 0 and at most 1")
 
 
 def port_number(value: str) -> int:

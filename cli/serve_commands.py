@@ -8,21 +8,23 @@ Heavy imports happen inside `run`, so `mmadapter --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable
-from typing import Any
 
 from mmadapter.cli.options import (
     add_quantize_option,
     announce_loading,
     check_port_free,
+    count,
     device_name,
     port_number,
+    positive_count,
+    positive_number,
+    probability,
     quantization_option,
+    temperature,
 )
 from mmadapter.core.templates import TEMPLATE_NAMES
 
@@ -55,11 +57,11 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clip-weights", help="local CLIP weights for a multimodal adapter (overrides the saved path)")
     group.add_argument("--name", help="model id shown to API clients (default: the adapter folder's name)")
     sampling = parser.add_argument_group("sampling (defaults: the model's official demo settings)")
-    sampling.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
-    sampling.add_argument("--temperature", type=float, help="0 = greedy")
-    sampling.add_argument("--top-p", type=float, help="nucleus sampling threshold")
-    sampling.add_argument("--top-k", type=int, help="sample from the k most likely tokens (0 = off)")
-    sampling.add_argument("--repetition-penalty", type=float, help="penalise repeated tokens (1 = off)")
+    sampling.add_argument("--max-new-tokens", type=positive_count, help="longest answer in tokens")
+    sampling.add_argument("--temperature", type=temperature, help="0 = greedy")
+    sampling.add_argument("--top-p", type=probability, help="nucleus sampling threshold (0 < p <= 1)")
+    sampling.add_argument("--top-k", type=count, help="sample from the k most likely tokens (0 = off)")
+    sampling.add_argument("--repetition-penalty", type=positive_number, help="penalise repeated tokens (1 = off)")
     sampling.add_argument("--seed", type=int, help="make sampling repeatable")
 
 
@@ -81,7 +83,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     _model_options(serve)
     batching = serve.add_argument_group("batching")
-    batching.add_argument("--max-batch", type=int, default=16, help="requests decoded together (16; 1 = one at a time)")
+    batching.add_argument(
+        "--max-batch", type=positive_count, default=16, help="requests decoded together (16; 1 = one at a time)"
+    )
     batching.add_argument(
         "--merge",
         action="store_true",
@@ -98,29 +102,31 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "(command lines are visible to other users)",
     )
     network.add_argument("--allow-remote-images", action="store_true", help="let clients send http(s) image URLs")
-    network.add_argument("--max-image-pixels", type=int, help="largest image (width x height; default 64 million)")
+    network.add_argument(
+        "--max-image-pixels", type=positive_count, help="largest image (width x height; default 64 million)"
+    )
     limits = serve.add_argument_group("limits (each protects the server from clients)")
     limits.add_argument(
-        "--max-queue", type=_count, default=16, help="requests that may wait; more get 429 with Retry-After (16)"
+        "--max-queue", type=count, default=16, help="requests that may wait; more get 429 with Retry-After (16)"
     )
     limits.add_argument(
-        "--max-connections", type=_positive_count, default=128, help="open connections; more get 503 (128)"
+        "--max-connections", type=positive_count, default=128, help="open connections; more get 503 (128)"
     )
-    limits.add_argument("--max-body-mb", type=_positive_number, default=20.0, help="largest request body in MB (20)")
+    limits.add_argument("--max-body-mb", type=positive_number, default=20.0, help="largest request body in MB (20)")
     limits.add_argument(
-        "--max-prompt-tokens", type=_positive_count, help="longest prompt in tokens (default: the model's context)"
+        "--max-prompt-tokens", type=positive_count, help="longest prompt in tokens (default: the model's context)"
     )
     limits.add_argument(
         "--header-timeout",
-        type=_positive_number,
+        type=positive_number,
         default=10.0,
         help="seconds to send a request's headers, else 408 (10)",
     )
     limits.add_argument(
-        "--body-timeout", type=_positive_number, default=60.0, help="seconds to send a request's body, else 408 (60)"
+        "--body-timeout", type=positive_number, default=60.0, help="seconds to send a request's body, else 408 (60)"
     )
     limits.add_argument(
-        "--keep-alive-timeout", type=_positive_number, default=5.0, help="seconds an idle connection stays open (5)"
+        "--keep-alive-timeout", type=positive_number, default=5.0, help="seconds an idle connection stays open (5)"
     )
     serve.set_defaults(run=run_serve)
 
@@ -201,23 +207,6 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.image and not chat.attach_image(args.image):
         return 2
     return chat.run()
-
-
-def _flag_value(parse: Callable[[str], Any], accept: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
-    """An argparse type: the text `parse`d, if `accept`ed; else an error saying it is not `what`."""
-
-    def convert(value: str) -> Any:
-        with contextlib.suppress(ValueError):
-            if accept(number := parse(value)):
-                return number
-        raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
-
-    return convert
-
-
-_positive_number = _flag_value(float, lambda number: 0 < number < float("inf"), "a positive number")
-_positive_count = _flag_value(int, lambda number: number >= 1, "a whole number of at least 1")
-_count = _flag_value(int, lambda number: number >= 0, "a whole number (0 or more)")
 
 
 def run_serve(args: argparse.Namespace) -> int:

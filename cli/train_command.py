@@ -12,7 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-from mmadapter.cli.options import add_quantize_option, announce_loading, parse_assignments, quantization_option
+from mmadapter.cli.options import (
+    add_quantize_option,
+    announce_loading,
+    parse_assignments,
+    positive_count,
+    quantization_option,
+)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -62,11 +68,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_quantize_option(evaluate)
     evaluate.add_argument("--set", action="append", metavar="KEY=VALUE", help="data setting, e.g. max_length=256")
-    evaluate.add_argument("--batch-size", type=int, default=4)
-    evaluate.add_argument("--limit", type=int, help="use only the first N samples of each file")
+    evaluate.add_argument("--batch-size", type=positive_count, default=4)
+    evaluate.add_argument("--limit", type=positive_count, help="use only the first N samples of each file")
     evaluate.add_argument("--generate", action="store_true", help="also generate answers and score ROUGE/BLEU-4")
     evaluate.add_argument("--greedy", action="store_true", help="greedy decoding instead of the official sampling")
-    evaluate.add_argument("--max-new-tokens", type=int, help="default: data.max_target_length")
+    evaluate.add_argument("--max-new-tokens", type=positive_count, help="default: data.max_target_length")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print JSON for machines")
     evaluate.set_defaults(run=run_eval)
@@ -135,6 +141,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if not args.generate and (args.greedy or args.max_new_tokens):
+        raise ValueError("--greedy and --max-new-tokens set how --generate writes answers; add --generate")
     announce_loading()
     # Imported on use, not at the top: the command line starts without loading what other commands need.
     from mmadapter.train.evaluate import generation_scores, load_for_eval, loss_and_perplexity
@@ -144,7 +152,8 @@ def run_eval(args: argparse.Namespace) -> int:
     model, tokenizer, data = load_for_eval(
         args.adapter, args.base, args.tokenizer, quantization=quantization, clip_weights=args.clip_weights
     )
-    settings = parse_assignments(args.set)
+    # `data.` as training's --set writes it is optional here: every key is a data setting
+    settings = {key.removeprefix("data."): value for key, value in parse_assignments(args.set).items()}
     if settings:  # checked like a recipe's data section
         data = build_section(DataSection, {**dataclasses.asdict(data), **settings}, "data")
     options = parse_assignments(args.option)

@@ -38,3 +38,30 @@ def test_a_port_in_use_is_named_before_the_model_loads(capsys, monkeypatch):
     assert (
         capsys.readouterr().err == f"error: --port {port}: 127.0.0.1:{port} is in use; pick another port with --port\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["serve", "--base", "tiny-llama", "--temperature", "-2"], "argument --temperature: '-2' is not a temperature"),
+        (["chat", "--base", "tiny-llama", "--top-p", "0"], "argument --top-p: '0' is not a probability above 0"),
+        (["serve", "--base", "tiny-llama", "--top-k", "-1"], "argument --top-k: '-1' is not a whole number (0 or"),
+        (["serve", "--base", "tiny-llama", "--max-new-tokens", "-5"], "argument --max-new-tokens: '-5' is not a whole"),
+        (["serve", "--base", "tiny-llama", "--max-batch", "0"], "argument --max-batch: '0' is not a whole number"),
+        (["eval", "adapter", "--data", "d.json", "--batch-size", "0"], "argument --batch-size: '0' is not a whole"),
+        (["eval", "adapter", "--data", "d.json", "--limit", "-1"], "argument --limit: '-1' is not a whole number"),
+        (["export", "--base", "b", "--adapter", "a", "out", "--max-shard-size", "0"], "--max-shard-size: '0' is not a"),
+    ],
+)
+def test_a_bad_number_is_refused_by_the_parser_naming_the_flag_in_two_lines(capsys, argv, says):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert says in error
+    assert error.splitlines()[-1] == f"(see 'mmadapter {argv[0]} --help')" and len(error.splitlines()) == 2
+
+
+def test_eval_generation_flags_without_generate_are_refused(capsys):
+    assert main(["eval", "adapter", "--data", "d.json", "--greedy"]) == 2
+    assert "--greedy and --max-new-tokens set how --generate writes answers; add --generate" in capsys.readouterr().err
