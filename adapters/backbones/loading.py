@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, LlamaTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mmadapter.adapters.backbones.meta_llama import is_meta_checkpoint, load_meta_checkpoint
@@ -46,6 +48,12 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+#: What a Hugging Face model folder keeps its weights in.
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+#: Files one of which a Hugging Face tokenizer folder has.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def read_base_config(base: str | Path) -> PretrainedConfig:
     """The config of a preset name or a model folder, without loading any weights."""
     if str(base) in BASE_PRESETS:
@@ -59,9 +67,21 @@ def read_base_config(base: str | Path) -> PretrainedConfig:
             f"{base}: not a preset ({', '.join(sorted(BASE_PRESETS))}) and not a model folder "
             "(expected config.json, or params.json + consolidated.*.pth)"
         )
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = _model_type(config_file)
     cls = model_class_for(PretrainedConfig(model_type=model_type) if model_type else PretrainedConfig())
     return cls.config_class.from_pretrained(folder, local_files_only=True)
+
+
+def _model_type(config_file: Path) -> str | None:
+    try:
+        document = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{config_file}: not a valid JSON config ({error}); restore the model's config.json"
+        ) from error
+    if not isinstance(document, dict):
+        raise ValueError(f"{config_file}: not a model config (a JSON object); restore the model's config.json")
+    return document.get("model_type")
 
 
 def load_base_model(
@@ -96,7 +116,11 @@ def load_base_model(
 def _from_folder(folder: str | Path, dtype: torch.dtype | None, attn_implementation: str, **options) -> PreTrainedModel:
     """A Hugging Face folder through its backbone's class (`options`: more `from_pretrained` arguments)."""
     config = read_base_config(folder)
-    with _pickled_weights_errors(Path(folder)):
+    if not any(next(Path(folder).glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"{folder}: a config.json but no weights ({', '.join(WEIGHT_FILES)}); copy the model's weight files there"
+        )
+    with _pickled_weights_errors(Path(folder)), _safetensors_errors(Path(folder)):
         return model_class_for(config).from_pretrained(
             folder,
             dtype=dtype or torch.float32,
@@ -142,13 +166,24 @@ def _pickled_weights_errors(folder: Path) -> contextlib.AbstractContextManager:
     return torch_file_errors(shards[0] if len(shards) == 1 else f"{folder}/pytorch_model-*.bin (one of the shards)")
 
 
+@contextlib.contextmanager
+def _safetensors_errors(folder: Path) -> Iterator[None]:
+    """transformers lets safetensors' errors out without the file's name: say which folder, and what to do."""
+    try:
+        yield
+    except SafetensorError as error:
+        raise ValueError(
+            f"{folder}: a safetensors weights file is damaged or incomplete ({error}); copy or download it again"
+        ) from error
+
+
 def load_tokenizer(base: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer stored with a model folder (Meta layout: `tokenizer.model` here or one level up)."""
     folder = Path(base)
     if not folder.is_dir():  # else transformers takes it for a hub repo id and fails on its form
         raise FileNotFoundError(f"{folder}: no such tokenizer folder")
     config_file = folder / "config.json"
-    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    model_type = _model_type(config_file) if config_file.is_file() else None
     if model_type in TOKENIZER_LOADERS:
         return TOKENIZER_LOADERS[model_type](folder)
     if is_meta_checkpoint(folder):
@@ -156,4 +191,9 @@ def load_tokenizer(base: str | Path) -> PreTrainedTokenizerBase:
             if candidate.is_file():
                 return LlamaTokenizer(vocab_file=str(candidate))
         raise FileNotFoundError(f"{folder}: no tokenizer.model here or in the parent folder")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder}: no tokenizer here ({', '.join(TOKENIZER_FILES)}); point the tokenizer option "
+            "(--tokenizer, model.tokenizer) at the folder that has them"
+        )
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)

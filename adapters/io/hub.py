@@ -310,6 +310,8 @@ def download_adapter(
         raise FileNotFoundError(f"{repo_id}: no such adapter folder, and not a hub repo id ({error})") from error
     hub = resolve_endpoint(endpoint)
     offline = local_files_only or is_offline()
+    # "runs/lora-adapterr" is a repo id in form; when runs/ is here it is far more likely a mistyped folder
+    folder_hint = "no such adapter folder, and " if local.parent != Path(".") and local.parent.is_dir() else ""
     try:
         snapshot = Path(
             snapshot_download(
@@ -328,11 +330,12 @@ def download_adapter(
         raise FileNotFoundError(f"{repo_id}: no revision {revision!r} on {hub}") from error
     except RepositoryNotFoundError as error:
         raise FileNotFoundError(
-            f"{repo_id}: no such repo on {hub} (if it is private, log in with `hf auth login` or set HF_TOKEN)"
+            f"{repo_id}: {folder_hint}no such repo on {hub} (if it is private, log in with `hf auth login` or set "
+            "HF_TOKEN)"
         ) from error
     except LocalEntryNotFoundError as error:
         reason = "offline mode is on" if offline else f"{hub} cannot be reached"
-        raise FileNotFoundError(f"{repo_id}: not in the local hub cache and {reason}") from error
+        raise FileNotFoundError(f"{repo_id}: {folder_hint}not in the local hub cache and {reason}") from error
     remote_files: list[str] = []
     if not (snapshot / WEIGHTS_FILE).is_file() and not offline:
         remote_files = _client(hub, token).list_repo_files(repo_id, revision=revision)

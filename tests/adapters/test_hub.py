@@ -417,3 +417,12 @@ def test_official_ptuning_checkpoint_converts_then_pushes(hub, tmp_path):
     card = ModelCard(hub.files("yourname/tiny-chatglm-ptuning")["README.md"].decode())
     assert card.data.base_model == "THUDM/chatglm-6b" and "ptuning-v2" in card.data.tags
     assert "`chatglm` template" in card.text
+
+
+def test_a_mistyped_folder_that_looks_like_a_repo_id_says_so_first(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^runs/lora-adaptr: no such adapter folder, and not in the local hub"):
+        download_adapter("runs/lora-adaptr", cache_dir=tmp_path / "cache", local_files_only=True)
+    with pytest.raises(FileNotFoundError, match=r"^org/adapter: not in the local hub cache"):  # no org/ here
+        download_adapter("org/adapter", cache_dir=tmp_path / "cache", local_files_only=True)

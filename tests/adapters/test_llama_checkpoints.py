@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmadapter.adapters import attach_adapter, load_adapter, load_base_model, make_config
+from mmadapter.adapters.backbones.loading import load_tokenizer
 from mmadapter.adapters.io.official_v1 import convert_official_v1
 from mmadapter.cli.main import main as cli
 
@@ -90,6 +91,25 @@ def test_hf_folder_loads_in_half_precision(tiny_llama, tmp_path):
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a preset"):
         load_base_model(tmp_path / "nowhere")
+
+
+def test_a_broken_model_folder_is_an_error_naming_the_file_and_what_to_do(tiny_llama, tmp_path):
+    folder = tmp_path / "hf"
+    tiny_llama().save_pretrained(folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[:100])  # a download cut short
+    with pytest.raises(ValueError, match=f"{folder}: a safetensors weights file is damaged or incomplete"):
+        load_base_model(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"a config.json but no weights \(\*.safetensors, pytorch_model\*.bin\)"
+    ):
+        load_base_model(folder)
+    (folder / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=r"config.json: not a valid JSON config \(Expecting"):
+        load_base_model(folder)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no tokenizer here"):
+        load_tokenizer(tmp_path)
 
 
 # --- the released V1 file ----------------------------------------------------------------------
