@@ -57,7 +57,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("adapter", help="adapter folder (e.g. runs/NAME/adapter)")
     evaluate.add_argument("--data", required=True, action="append", help="data file (repeatable)")
     evaluate.add_argument(
-        "--format", default="alpaca", help="alpaca, conversation, coco-captions, caption-jsonl, chatglm"
+        "--format",
+        choices=("alpaca", "conversation", "coco-captions", "caption-jsonl", "chatglm"),
+        help="how to read the data (default: the format the adapter trained on, if it trained on one; else alpaca)",
     )
     evaluate.add_argument("--images", help="image folder for relative image paths")
     evaluate.add_argument("--option", action="append", metavar="KEY=VALUE", help="format option (chatglm columns)")
@@ -145,7 +147,13 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--greedy and --max-new-tokens set how --generate writes answers; add --generate")
     announce_loading()
     # Imported on use, not at the top: the command line starts without loading what other commands need.
-    from mmadapter.train.evaluate import generation_scores, load_for_eval, loss_and_perplexity
+    from mmadapter.train.evaluate import (
+        NoUsableSamples,
+        generation_scores,
+        load_for_eval,
+        loss_and_perplexity,
+        training_formats,
+    )
     from mmadapter.train.recipe import DataSection, DataSource, build_section
 
     quantization = quantization_option(args.quantize, None)
@@ -157,10 +165,17 @@ def run_eval(args: argparse.Namespace) -> int:
     if settings:  # checked like a recipe's data section
         data = build_section(DataSection, {**dataclasses.asdict(data), **settings}, "data")
     options = parse_assignments(args.option)
-    sources = [DataSource(format=args.format, path=p, images=args.images, options=options) for p in args.data]
+    formats = training_formats(args.adapter)
+    data_format = args.format or (formats[0] if len(formats) == 1 else "alpaca")
+    sources = [DataSource(format=data_format, path=p, images=args.images, options=options) for p in args.data]
     if args.limit:
         sources = [dataclasses.replace(s, max_samples=args.limit) for s in sources]
-    result = {"adapter": str(args.adapter), **loss_and_perplexity(model, tokenizer, sources, data, args.batch_size)}
+    try:
+        scores = loss_and_perplexity(model, tokenizer, sources, data, args.batch_size)
+    except NoUsableSamples as error:
+        trained = f"; the adapter trained on {', '.join(formats)}" if formats else ""
+        raise NoUsableSamples(f"{error}; the data was read as --format {data_format}{trained}") from error
+    result = {"adapter": str(args.adapter), **scores}
     if args.generate:
         result["generation"] = generation_scores(
             model,

@@ -51,6 +51,18 @@ def saved_recipe(adapter_dir: str | Path):
     return parse_recipe(training)
 
 
+class NoUsableSamples(ValueError):
+    """Every sample of the evaluation data was unusable (a bad file, or data read in the wrong format)."""
+
+
+def training_formats(adapter_dir: str | Path) -> list[str]:
+    """The data formats the adapter trained on, in recipe order (none known for an adapter from elsewhere)."""
+    recipe = saved_recipe(adapter_dir)
+    if recipe is None:
+        return []
+    return list(dict.fromkeys(source.format for stage in recipe.stages for source in stage.data.train))
+
+
 def load_for_eval(
     adapter_dir: str | Path,
     base: str | None = None,
@@ -92,7 +104,7 @@ def loss_and_perplexity(model, tokenizer, sources: list[DataSource], data: DataS
     bad = BadSampleLog("skip", max_fraction=1.0)
     samples = load_samples(sources, tokenizer, data, [None], None, bad)
     if not samples:
-        raise ValueError(f"no usable samples ({bad.summary(limit=3)})")
+        raise NoUsableSamples(f"no usable samples ({bad.summary(limit=3)})")
     loader, unreadable = image_loader_for(model, data.clip_cache, samples, show_progress=True, train=False)
     skip = {s.source for s in unreadable}
     dataset = SupervisedDataset([s for s in samples if s.source not in skip], loader)

@@ -120,7 +120,8 @@ class TrainSection:
     max_steps: Int | None = None
     """Optimizer steps; overrides epochs when both are set."""
     lr: Float | None = None
-    """Absolute learning rate; or set base_lr."""
+    """Absolute learning rate; or set base_lr. When both are set (`--set train.lr=…` on a recipe with base_lr),
+    lr is used and the run's schedule line says so."""
     base_lr: Float | None = None
     """Official rule: lr = base_lr * effective batch / 256."""
     min_lr: Float = 0.0

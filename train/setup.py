@@ -263,11 +263,12 @@ def setup_stage(run: Run, stage: StageSection, resume_state: ResumeState | None)
         dataset, eval_set, bad = load_stage_data(run, stage, kinds)
     collate = Collator(pad_token_id=pad_token_id(run.tokenizer))
     schedule = plan_schedule(stage, dataset, accelerator.num_processes)
+    both = stage.train.lr is not None and stage.train.base_lr is not None
     run.print(
         f"schedule: {schedule.total_steps} steps "
         f"({'streamed' if schedule.per_epoch is None else f'{schedule.per_epoch} per epoch'}), global batch "
-        f"{schedule.global_batch}, peak lr {schedule.peak_lr:.4g} ({stage.train.schedule}, {schedule.warmup} "
-        f"warmup steps), weight decay {stage.train.weight_decay}"
+        f"{schedule.global_batch}, peak lr {schedule.peak_lr:.4g}{' (train.lr; base_lr is not used)' if both else ''} "
+        f"({stage.train.schedule}, {schedule.warmup} warmup steps), weight decay {stage.train.weight_decay}"
     )
     optimizer, scheduler = make_optimizer(run.model, kinds, stage.train, schedule)
     accelerator.free_memory()

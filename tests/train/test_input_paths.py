@@ -12,6 +12,7 @@ import mmadapter.train.loop as loop
 from mmadapter.adapters.backbones.loading import load_tokenizer
 from mmadapter.adapters.backbones.presets import BASE_PRESETS
 from mmadapter.cli.main import main
+from tests.helpers.train_data import alpaca_rows, write_jsonl
 
 TOKENIZER_HINT = "set it to the tokenizer folder (--set model.tokenizer=PATH)"
 
@@ -121,3 +122,21 @@ def test_eval_says_where_a_missing_base_came_from(make_recipe, tmp_path, capsys)
     assert main(["eval", str(tmp_path / "run/adapter"), "--data", str(tmp_path / "alpaca.json")]) == 2
     error = capsys.readouterr().err
     assert "the adapter was trained on models/gone, which is not here" in error and "pass --base PATH" in error
+
+
+def test_eval_reads_data_in_the_format_the_adapter_trained_on(make_recipe, tmp_path, capsys):
+    rows = [
+        {"conversations": [{"from": "human", "value": row["instruction"]}, {"from": "gpt", "value": row["output"]}]}
+        for row in alpaca_rows(8)
+    ]
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    recipe = tmp_path / "recipe.yaml"
+    document = make_recipe(data=[{"format": "conversation", "path": str(data)}], train={"max_steps": 1}, parsed=False)
+    recipe.write_text(yaml.safe_dump(document))
+    assert main(["train", str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run/adapter"), "--data", str(data), "--json"]) == 0  # no --format
+    assert json.loads(capsys.readouterr().out)["samples"] == 8
+    assert main(["eval", str(tmp_path / "run/adapter"), "--data", str(data), "--format", "alpaca"]) == 2
+    error = capsys.readouterr().err
+    assert "the data was read as --format alpaca; the adapter trained on conversation" in error

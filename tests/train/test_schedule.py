@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from mmadapter.train.loop import train
 from mmadapter.train.schedule import lr_at, make_scheduler
 
 
@@ -68,3 +69,8 @@ def test_scheduler_follows_lr_at_and_resumes_from_its_state():
         optimizer.step()
         resumed.step()
     assert lrs == pytest.approx(expected[4:], rel=1e-12, abs=1e-15)
+
+
+def test_a_run_says_which_of_lr_and_base_lr_it_uses_when_both_are_set(make_recipe, capsys):
+    train(make_recipe(train={"lr": 0.01, "base_lr": 0.5, "max_steps": 1}))
+    assert "peak lr 0.01 (train.lr; base_lr is not used)" in capsys.readouterr().out
