@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     from mmadapter.adapters.io.hub import plan_push, resolve_endpoint, send_push
 
+    if args.model_card is not None and not args.model_card.is_file():
+        raise FileNotFoundError(f"--model-card {args.model_card}: no such file; give the README.md to publish")
     options = {"base_model": args.base_model, "license": args.license, "model_card": args.model_card}
     plan = plan_push(args.directory, args.repo_id, include=args.include, **options)
     report = {

@@ -35,7 +35,11 @@ _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--base", required=True, help="base model: a folder (HF or Meta layout) or a preset")
+    group.add_argument(
+        "--base",
+        help="base model: a folder (HF or Meta layout) or a preset (default: the one the adapter trained on, as its "
+        "folder records it)",
+    )
     group.add_argument(
         "--adapter",
         action="append",
@@ -148,6 +152,29 @@ def _adapters(values: list[str] | None) -> dict[str, str]:
     return adapters
 
 
+def _trained_base(adapters: dict[str, str]) -> tuple[str, str | None]:
+    """(base, tokenizer) that every local adapter folder records it trained with, for a command without --base."""
+    from mmadapter.adapters.io.checkpoint import read_adapter_config
+
+    if not adapters:
+        raise ValueError("--base: give the base model (a folder or a preset); with no --adapter there is none to read")
+    recorded = set()
+    for source in adapters.values():
+        if not os.path.isdir(source):
+            raise ValueError(
+                f"--base: {source} is not a local folder, so the base it needs is not known here; pass --base"
+            )
+        document = read_adapter_config(source)
+        model = (document.get("training") or {}).get("model") or {}
+        recorded.add((model.get("base") or document["base"].get("name_or_path") or None, model.get("tokenizer")))
+    if len(recorded) > 1:
+        raise ValueError(f"--base: the adapters trained on different bases ({sorted(map(str, recorded))}); pass --base")
+    ((base, tokenizer),) = recorded
+    if not base or not (os.path.exists(base) or "/" not in base):  # a preset name, or a folder that is here
+        raise ValueError(f"--base: the adapter does not record a base that is here ({base!r}); pass --base")
+    return base, tokenizer
+
+
 def _load(args: argparse.Namespace):
     # Imported on use, not at the top: the command line starts without loading what other commands need.
     from mmadapter.serve.loader import load_served_model, load_served_models
@@ -155,6 +182,10 @@ def _load(args: argparse.Namespace):
     overrides = {"clip_pretrained": args.clip_weights} if args.clip_weights else None
     quantization = quantization_option(args.quantize, args.device)
     adapters = _adapters(args.adapter)
+    if args.base is None:
+        args.base, recorded_tokenizer = _trained_base(adapters)
+        args.tokenizer = args.tokenizer or recorded_tokenizer
+        print(f"base: {args.base} (recorded by the adapter; --base to change)", file=sys.stderr, flush=True)
     routed = bool(adapters) and getattr(args, "merge", True) is False  # `serve` without --merge
     if len(adapters) > 1 and not routed:
         command = "serve --merge" if hasattr(args, "merge") else "chat"

@@ -190,15 +190,21 @@ def read_conversation(path: Path, images: ImageRoot, options: dict[str, Any], li
 
 def parse_conversation(location: str, row: dict[str, Any], images: ImageRoot) -> Example:
     """One LLaVA-style conversation row; raises DataError naming what is wrong."""
-    messages = row.get("conversations")
-    if not isinstance(messages, list) or not messages:
+    if "conversations" not in row:
         raise DataError("missing field 'conversations' (a list of {from, value} messages)")
+    messages = row["conversations"]
+    if not isinstance(messages, list) or not messages:
+        shown = "an empty list" if messages == [] else f"a {type(messages).__name__}"
+        raise DataError(f"'conversations' is {shown}; expected a list of {{from, value}} messages")
     turns, pending, system = [], None, ""
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise DataError(f"conversations[{i}]: expected an object, got {type(message).__name__}")
-        role = _text(message, "from")
-        value = _text(message, "value").replace(IMAGE_TOKEN, "").strip()
+        try:
+            role = _text(message, "from")
+            value = _text(message, "value").replace(IMAGE_TOKEN, "").strip()
+        except DataError as error:
+            raise DataError(f"conversations[{i}]: {error}") from error
         if i == 0 and role == SYSTEM_ROLE:
             system = value
         elif pending is None and role in USER_ROLES:

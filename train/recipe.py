@@ -408,11 +408,20 @@ def load_recipe(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     try:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ValueError(f"{path}: invalid YAML ({error})") from error
+        raise ValueError(f"{path}: invalid YAML ({_yaml_problem(error)})") from error
     try:
         return parse_recipe(document or {}, overrides)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What PyYAML found and where, by line and column of the file (its own text names a "<unicode string>")."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return str(error)
+    context = getattr(error, "context", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}" + (f" ({context})" if context else "")
 
 
 def dump_recipe(recipe: Recipe) -> str:

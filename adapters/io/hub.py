@@ -239,7 +239,10 @@ def send_push(
 ) -> CommitInfo:
     """Send a checked `PushPlan`: create the repo (and branch) if missing, then one commit."""
     if token is None and get_token() is None:
-        raise ValueError("no Hugging Face token: set HF_TOKEN, run `hf auth login`, or pass a token")
+        raise ValueError(
+            "no Hugging Face token: set HF_TOKEN, run `hf auth login`, or name the environment variable that holds "
+            "it (mmadapter push --token-env NAME; push_to_hub(token=…) in Python)"
+        )
     api = _client(endpoint, token)
     # Ask first: create_repo(exist_ok=True) with a token that may write but not create (fine-grained) falls
     # back to a code path that cannot parse a self-hosted endpoint's URL in huggingface_hub 2.4.

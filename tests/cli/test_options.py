@@ -65,3 +65,8 @@ def test_a_bad_number_is_refused_by_the_parser_naming_the_flag_in_two_lines(caps
 def test_eval_generation_flags_without_generate_are_refused(capsys):
     assert main(["eval", "adapter", "--data", "d.json", "--greedy"]) == 2
     assert "--greedy and --max-new-tokens set how --generate writes answers; add --generate" in capsys.readouterr().err
+
+
+def test_chat_without_base_or_adapter_asks_for_the_base(capsys):
+    assert main(["chat"]) == 2
+    assert "error: --base: give the base model (a folder or a preset)" in capsys.readouterr().err

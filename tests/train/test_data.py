@@ -13,7 +13,7 @@ from mmadapter.core.examples import DataError, Example
 from mmadapter.core.templates import ALPACA_WITH_INPUT, get_template
 from mmadapter.train.batching import epoch_batches, eval_batches, process_batches
 from mmadapter.train.data import BadSampleLog, Collator, Sample, SupervisedDataset, load_samples
-from mmadapter.train.readers import BadSample, read_examples
+from mmadapter.train.readers import BadSample, parse_conversation, read_examples
 from mmadapter.train.recipe import DataSection, DataSource
 from mmadapter.vision.images import load_image
 from tests.helpers.train_data import alpaca_rows, write_image, write_json, write_jsonl
@@ -258,3 +258,18 @@ def test_image_augmentation_is_fixed_per_seed_epoch_and_sample_and_leaves_the_gl
     dataset.epoch = 1
     assert not torch.equal(dataset[0]["image"]["pixel_values"], first[0])
     assert torch.equal(SupervisedDataset(samples, loader, seed=5)[2]["image"]["pixel_values"], first[2])
+
+
+@pytest.mark.parametrize(
+    ("row", "says"),
+    [
+        ({"conversations": []}, "'conversations' is an empty list; expected a list of {from, value} messages"),
+        ({"conversations": "hi"}, "'conversations' is a str; expected a list of {from, value} messages"),
+        ({"conversations": [{"from": "human"}]}, "conversations[0]: missing field 'value'"),
+        ({"chats": []}, "missing field 'conversations'"),
+    ],
+)
+def test_a_bad_conversation_row_is_named_for_what_it_is(row, says):
+    with pytest.raises(DataError) as error:
+        parse_conversation("chats.jsonl:1", row, None)
+    assert str(error.value).startswith(says)

@@ -3,7 +3,9 @@ before anything heavy loads, with one line naming the recipe key and how to set 
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pytest
 import yaml
@@ -108,6 +110,12 @@ def test_a_run_with_relative_paths_is_evaluated_and_resumed_from_another_folder(
     assert json.loads(capsys.readouterr().out)["samples"] == 16
     assert main(["train", "--resume", str(project / "run"), "--set", "train.max_steps=6"]) == 0
     assert (project / "run/checkpoints/ckpt-0000004").is_dir()
+    # chat without --base: the base (a preset here) and the tokenizer folder the adapter recorded
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    capsys.readouterr()
+    assert main(["chat", "--adapter", str(project / "run/adapter"), "--max-new-tokens", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "base: tiny-llama (recorded by the adapter; --base to change)" in err and "assistant> " in out
 
 
 def test_eval_says_where_a_missing_base_came_from(make_recipe, tmp_path, capsys):

@@ -143,6 +143,7 @@ def test_find_recipe_by_name_or_path(tmp_path):
     assert find_recipe("llama-adapter-v1-alpaca").name == "llama-adapter-v1-alpaca.yaml"
     with pytest.raises(FileNotFoundError, match="built-in recipes: .*llama-adapter-v1-alpaca"):
         find_recipe(tmp_path / "missing.yaml")
-    path.write_text("train: [unclosed")
-    with pytest.raises(ValueError, match="mine.yaml: invalid YAML"):
+    path.write_text("model:\n  base: x\ntrain: [unclosed\n")
+    with pytest.raises(ValueError, match=r"mine.yaml: invalid YAML \(line 4, column 1: expected ',' or ']'") as error:
         load_recipe(path)
+    assert "<unicode string>" not in str(error.value)
