@@ -230,6 +230,7 @@ def _load(args: argparse.Namespace):
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    _check_model_flags(args)
     announce_loading()
     # Imported on use, not at the top: the command line starts without loading what other commands need.
     from mmadapter.serve.terminal_chat import TerminalChat
@@ -240,7 +241,18 @@ def run_chat(args: argparse.Namespace) -> int:
     return chat.run()
 
 
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """Flags that would do nothing are refused before anything loads, rather than silently ignored."""
+    if not args.adapter:
+        for flag, given in (("--revision", args.revision), ("--merge", getattr(args, "merge", False))):
+            if given:
+                raise ValueError(f"{flag} applies to an --adapter, and none is given")
+    if args.name is not None and not _ADAPTER_NAME.fullmatch(args.name):
+        raise ValueError(f"--name {args.name!r}: a model id is letters, digits, '.', '_' and '-', starting with one")
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    _check_model_flags(args)
     check_port_free(args.host, args.port, "--port")  # before minutes of model loading, not after
     if args.ui:
         check_port_free(args.host, args.ui_port, "--ui-port")
@@ -266,6 +278,14 @@ def run_serve(args: argparse.Namespace) -> int:
         keep_alive_timeout=args.keep_alive_timeout,
     )
     served = _load(args)
+    context = served.engine.context_length
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens >= context:
+        print(
+            f"note: --max-prompt-tokens {args.max_prompt_tokens} is beyond the model's context ({context} tokens): "
+            f"prompts are limited to {context - 1}",
+            file=sys.stderr,
+            flush=True,
+        )
     server = APIServer(served, settings)
     server.start_background()
     ids = served.model_ids()

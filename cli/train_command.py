@@ -84,6 +84,11 @@ def run_train(args: argparse.Namespace) -> int:
     # Imported on use, not at the top: the command line starts without loading what other commands need.
     from mmadapter.train.recipe import builtin_recipes, load_recipe, recipe_schema
 
+    if args.schema and args.list:
+        raise ValueError("--schema and --list: give one of them (each prints and exits)")
+    if (args.schema or args.list) and (args.recipe or args.resume):
+        flag = "--schema" if args.schema else "--list"
+        raise ValueError(f"{flag} prints and exits, so it takes no RECIPE or --resume; run it on its own")
     if args.schema:
         print(json.dumps(recipe_schema(), indent=2))
         return 0
@@ -122,9 +127,9 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():  # stdout: JSON only
             result = train(recipe, resume=args.resume)
-    except TrainingStopped as error:
+    except TrainingStopped as error:  # the data or the settings (a non-finite loss, too many bad samples)
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         PartialState().destroy_process_group()  # a no-op in a single process
     summary = {k: v for k, v in result.summary.items() if k != "stages"}

@@ -50,7 +50,12 @@ def load_request_image(url: str, param: str, policy: ImagePolicy) -> Image.Image
             if match is None:
                 raise invalid("a data URL image must be base64-encoded (data:image/png;base64,...)", param)
             if not (match.group("type") or "").lower().startswith("image/"):
-                raise invalid(f"the data URL is not an image ({match.group('type')})", param, code="invalid_image")
+                declared = match.group("type") or "no media type"
+                raise invalid(
+                    f"the data URL is not an image ({declared}); use data:image/png;base64,… (or jpeg, webp, …)",
+                    param,
+                    code="invalid_image",
+                )
             data = decode_base64_image(url, source=param)
         elif scheme in ("http", "https"):
             if not policy.allow_remote:

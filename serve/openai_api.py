@@ -101,7 +101,7 @@ def _parse_message(message: ChatMessage, index: int) -> _Message:
         elif message.role == "user":
             images.append((part.image_url.url, f"{part_param}.image_url"))
         else:
-            raise invalid(f"content part type {part.type!r} is not supported in a {message.role} message", part_param)
+            raise invalid(f"content part type {part.type!r} is only supported in user messages", part_param)
     return _Message("system" if message.role == "developer" else message.role, "\n".join(texts), images)
 
 

@@ -61,7 +61,8 @@ def read_records(path: Path) -> Iterator[Row | BadSample]:
 
 def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
-        raise DataError(f"{path}: data file not found")
+        what = "a folder, not a data file (give the JSON/JSONL file in it)" if path.is_dir() else "data file not found"
+        raise DataError(f"{path}: {what}")
     return path.read_bytes()
 
 

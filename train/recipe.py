@@ -25,6 +25,8 @@ from mmadapter.core.quantization import Quantization
 from mmadapter.core.templates import TemplateName
 
 T = TypeVar("T")
+#: Largest train.lr / train.base_lr accepted: fine-tuning rates are below 1 (official: 9e-3 to 2e-2).
+MAX_LEARNING_RATE = 10.0
 
 
 @document_type
@@ -336,6 +338,12 @@ def _validate(recipe: Recipe, implicit_stage: bool) -> None:
             value = getattr(train, field)
             if value is not None and value <= 0:
                 raise ValueError(f"{key}train.{field}: must be positive, got {value}")
+        for field in ("lr", "base_lr"):  # far past any fine-tuning rate, and AdamW's step overflows float32 there
+            value = getattr(train, field)
+            if value is not None and value > MAX_LEARNING_RATE:
+                raise ValueError(
+                    f"{key}train.{field}: {value:g} is not a learning rate (at most {MAX_LEARNING_RATE:g})"
+                )
         for field in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(train, field) < 1:
                 raise ValueError(f"{key}train.{field}: must be at least 1, got {getattr(train, field)}")

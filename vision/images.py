@@ -164,7 +164,7 @@ def decode_base64_image(text: str, *, source: str = "<base64 image>") -> bytes:
         header, _, text = text.partition(",")
         if not header.endswith(";base64"):
             raise ImageLoadError(source, "data URL is not base64-encoded")
-    try:
-        return base64.b64decode(text, validate=True)
+    try:  # line breaks, as `base64` and Python's encodebytes write them, are not part of the data
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as error:
         raise ImageLoadError(source, f"invalid base64 ({error})") from error

@@ -70,3 +70,29 @@ def test_eval_generation_flags_without_generate_are_refused(capsys):
 def test_chat_without_base_or_adapter_asks_for_the_base(capsys):
     assert main(["chat"]) == 2
     assert "error: --base: give the base model (a folder or a preset)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["serve", "--base", "tiny-llama", "--merge"], "--merge applies to an --adapter, and none is given"),
+        (["chat", "--base", "tiny-llama", "--revision", "v1"], "--revision applies to an --adapter, and none is given"),
+        (["serve", "--base", "tiny-llama", "--name", ""], "--name '': a model id is letters, digits"),
+    ],
+)
+def test_flags_that_would_do_nothing_are_refused_before_loading(capsys, argv, says):
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"error: {says}" in error and "mmadapter: loading" not in error
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["train", "recipe.yaml", "--list"], "--list prints and exits, so it takes no RECIPE or --resume"),
+        (["train", "--list", "--schema"], "--schema and --list: give one of them"),
+    ],
+)
+def test_train_listing_flags_are_not_mixed_with_a_run(capsys, argv, says):
+    assert main(argv) == 2
+    assert f"error: {says}" in capsys.readouterr().err

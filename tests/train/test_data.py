@@ -273,3 +273,8 @@ def test_a_bad_conversation_row_is_named_for_what_it_is(row, says):
     with pytest.raises(DataError) as error:
         parse_conversation("chats.jsonl:1", row, None)
     assert str(error.value).startswith(says)
+
+
+def test_a_folder_given_as_a_data_file_is_named_as_a_folder(tmp_path):
+    with pytest.raises(DataError, match="a folder, not a data file"):
+        list(read_examples("alpaca", tmp_path))

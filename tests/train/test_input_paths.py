@@ -148,3 +148,18 @@ def test_eval_reads_data_in_the_format_the_adapter_trained_on(make_recipe, tmp_p
     assert main(["eval", str(tmp_path / "run/adapter"), "--data", str(data), "--format", "alpaca"]) == 2
     error = capsys.readouterr().err
     assert "the data was read as --format alpaca; the adapter trained on conversation" in error
+
+
+def test_a_run_stopped_by_its_data_or_settings_exits_2_with_one_error_line(make_recipe, tmp_path, capsys, monkeypatch):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(train={"lr": 1e38}, parsed=False)))
+    assert main(["train", str(recipe)]) == 2  # was an internal error: AdamW's step overflowed float32
+    assert "error: " in (error := capsys.readouterr().err) and "train.lr: 1e+38 is not a learning rate" in error
+
+    def stops(*args, **kwargs):  # what the loop raises on a non-finite loss (tests/train/test_loop.py)
+        raise loop.TrainingStopped("non-finite loss at step 3 (epoch 0); samples: alpaca.json[5]")
+
+    monkeypatch.setattr(loop, "train", stops)
+    recipe.write_text(yaml.safe_dump(make_recipe(parsed=False)))
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err.endswith("error: non-finite loss at step 3 (epoch 0); samples: alpaca.json[5]\n")

@@ -154,6 +154,8 @@ def test_bytes_and_base64_uploads():
     data = buffer.getvalue()
     text = base64.b64encode(data).decode()
     assert decode_base64_image(text) == data == decode_base64_image(f"data:image/png;base64,{text}")
+    wrapped = base64.encodebytes(data).decode()  # 76-character lines, as the `base64` tool writes them
+    assert "\n" in wrapped and decode_base64_image(f"data:image/png;base64,{wrapped}") == data
     assert _pixels(load_image_bytes(data, source="upload 0"))[0, 0].tolist() == [1, 2, 3]
     with pytest.raises(ImageLoadError, match="upload 1: not a supported image"):
         load_image_bytes(b"GIF89a-not-really", source="upload 1")
