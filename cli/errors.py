@@ -63,7 +63,12 @@ def user_message(error: BaseException) -> str | None:
 def _one_line(error: BaseException) -> str:
     """The message on one line (YAML and pydantic put the line, column or field on later lines)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines) if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    text = lines[0]
+    for line in lines[1:]:  # a list under a heading ("skipped 3 bad sample(s):") reads as items: "a; b; c"
+        text += (" " if text.endswith((":", "(")) else "; ") + line
+    return text
 
 
 def _first_line(error: BaseException) -> str:

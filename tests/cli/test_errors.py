@@ -25,6 +25,10 @@ def test_a_users_mistake_is_one_line_and_exit_code_2(capsys):
         (OSError(errno.ENOSPC, "No space left on device", "/runs/x/ckpt"), "/runs/x/ckpt): free some disk space"),
         (OSError(errno.EADDRINUSE, "Address already in use"), "choose another port with --port"),
         (KeyError("stages.0.name: required"), "error: stages.0.name: required"),
+        (
+            ValueError("no usable samples (skipped 2 bad sample(s):\n  a.json:1: no 'output'\n  a.json:2: not JSON)"),
+            "error: no usable samples (skipped 2 bad sample(s): a.json:1: no 'output'; a.json:2: not JSON)\n",
+        ),
     ],
 )
 def test_environment_errors_say_what_to_do(monkeypatch, capsys, error, expected):
