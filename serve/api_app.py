@@ -111,7 +111,11 @@ def validation_error(error: RequestValidationError) -> APIError:
     if problems[0]["type"] == "json_invalid":
         reason = problems[0].get("ctx", {}).get("error", "JSON decode error")
         return APIError(400, f"the request body is not valid JSON ({reason})", code="invalid_json")
-    problems = [p for p in problems if not p["type"].endswith("_type")] or problems
+    # Without a problem inside a member, the deepest type mismatch is the one that names what to fix
+    # (`content[0].image_url` must be an object), not the union member it did not match (`content` as a string).
+    problems = [p for p in problems if not p["type"].endswith("_type")] or sorted(
+        problems, key=lambda p: -len(p["loc"])
+    )
     param = _param(problems[0]["loc"][1:])
     if not param:
         return invalid("the request body must be a JSON object sent with 'Content-Type: application/json'")

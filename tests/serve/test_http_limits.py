@@ -69,6 +69,10 @@ BAD_REQUESTS = {
     "adapter_scale negative": ({**_message("hi"), "adapter_scale": -0.5}, "adapter_scale"),
     "presence_penalty": ({**_message("hi"), "presence_penalty": 0.5}, "presence_penalty"),
     "logit_bias": ({**_message("hi"), "logit_bias": {"376": -100}}, "logit_bias"),
+    "image_url as a string": (
+        _message([{"type": "image_url", "image_url": "http://x/a.png"}]),
+        "messages[0].content[0].image_url",
+    ),
     "function_call": ({**_message("hi"), "function_call": "auto"}, "function_call"),
     "tool_choice": ({**_message("hi"), "tool_choice": "required"}, "tool_choice"),
     "top_logprobs": ({**_message("hi"), "top_logprobs": 3}, "top_logprobs"),
