@@ -14,6 +14,10 @@ DROPPED_NOTICES = (
     # On CPUs with AVX512-BF16, bitsandbytes asks at import for the `kernels` package, which downloads a 4-bit
     # matmul from the Hugging Face Hub at run time; without it bitsandbytes uses its own CPU kernel.
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+    # mmadapter checks every length against the model's context itself (training: data.max_length; serving: the
+    # prompt-token limit, a 400 before any model work) and counts a long prompt piece by piece on purpose; the
+    # tokenizer's warning that a text is longer than model_max_length then reads as an error that did not happen.
+    ("transformers.tokenization_utils_base", "Token indices sequence length is longer than the specified maximum"),
 )
 
 
