@@ -154,7 +154,7 @@ def _adapters(values: list[str] | None) -> dict[str, str]:
 
 def _trained_base(adapters: dict[str, str]) -> tuple[str, str | None]:
     """(base, tokenizer) that every local adapter folder records it trained with, for a command without --base."""
-    from mmadapter.adapters.io.checkpoint import read_adapter_config
+    from mmadapter.adapters.io.checkpoint import recorded_base
 
     if not adapters:
         raise ValueError("--base: give the base model (a folder or a preset); with no --adapter there is none to read")
@@ -164,9 +164,7 @@ def _trained_base(adapters: dict[str, str]) -> tuple[str, str | None]:
             raise ValueError(
                 f"--base: {source} is not a local folder, so the base it needs is not known here; pass --base"
             )
-        document = read_adapter_config(source)
-        model = (document.get("training") or {}).get("model") or {}
-        recorded.add((model.get("base") or document["base"].get("name_or_path") or None, model.get("tokenizer")))
+        recorded.add(recorded_base(source))
     if len(recorded) > 1:
         raise ValueError(f"--base: the adapters trained on different bases ({sorted(map(str, recorded))}); pass --base")
     ((base, tokenizer),) = recorded

@@ -16,7 +16,7 @@ from accelerate import PartialState
 
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
 from mmadapter.adapters.backbones.presets import BASE_PRESETS
-from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
+from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config, recorded_base
 from mmadapter.adapters.methods.llama_adapter_v2 import takes_images, visual_prompter_of
 from mmadapter.core.encoding import encode_prompt
 from mmadapter.core.examples import Example
@@ -76,7 +76,7 @@ def load_for_eval(
 
     document = read_adapter_config(adapter_dir)
     recipe = saved_recipe(adapter_dir)
-    saved_base = (recipe.model.base if recipe else None) or document.get("base", {}).get("name_or_path")
+    saved_base, saved_tokenizer = recorded_base(adapter_dir)
     if base is None and saved_base and saved_base not in BASE_PRESETS and not Path(saved_base).exists():
         raise FileNotFoundError(
             f"{adapter_dir}: the adapter was trained on {saved_base}, which is not here (a path relative to the folder "
@@ -85,7 +85,7 @@ def load_for_eval(
     base = base or saved_base
     if not base:
         raise ValueError(f"{adapter_dir}: the adapter does not say which base model it needs; pass --base")
-    folder = tokenizer or (recipe.model.tokenizer if recipe else None) or base
+    folder = tokenizer or saved_tokenizer or base
     if folder in BASE_PRESETS:
         raise ValueError(f"base {base!r} is a preset without a tokenizer; pass --tokenizer")
     if base in BASE_PRESETS and recipe is not None:  # a preset's random weights: the ones the run trained on

@@ -173,6 +173,14 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return document
 
 
+def recorded_base(directory: str | Path) -> tuple[str | None, str | None]:
+    """(base, tokenizer) the adapter was trained with, as its folder records them: the training recipe's model
+    section (mmadapter runs record local paths absolutely), else the base model's name; None where unknown."""
+    document = read_adapter_config(directory)
+    model = (document.get("training") or {}).get("model") or {}
+    return model.get("base") or document["base"].get("name_or_path") or None, model.get("tokenizer")
+
+
 def _read_json(path: Path) -> Any:
     """JSON without NaN or Infinity, which Python accepts but no size or rate can be."""
     try:
