@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -121,6 +122,15 @@ def add_device_arguments(parser: argparse.ArgumentParser, threads_help: str = "t
     parser.add_argument("--threads", type=int, default=1, help=threads_help)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (the development VM's host has changed between sessions, and so have its figures)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
 def run_header(benchmark: str, args: argparse.Namespace, dtype: torch.dtype | str) -> dict[str, Any]:
     """The fields a benchmark's JSON opens with: what ran, when, on which device, in which dtype, on how many
     threads (for the scripts that take `add_device_arguments`)."""
@@ -129,7 +139,7 @@ def run_header(benchmark: str, args: argparse.Namespace, dtype: torch.dtype | st
         "benchmark": benchmark,
         "date": date.today().isoformat(),
         "device": args.device,
-        "device_name": torch.cuda.get_device_name(args.device) if on_cuda else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(args.device) if on_cuda else cpu_name(),
         "dtype": str(dtype).removeprefix("torch."),
         "threads": args.threads,
         "torch": torch.__version__,
