@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mmadapter.cli.options import announce_loading
+from mmadapter.cli.options import announce_loading, positive_count
 from mmadapter.cli.ptuning_commands import export_official_ptuning, import_official_ptuning
 
 
@@ -107,8 +107,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("src", type=Path, help="source file or folder")
     parser.add_argument("dst", type=Path, help="destination folder")
-    parser.add_argument("--base", default="llama-7b", help="base the adapter belongs to (preset or folder)")
-    parser.add_argument("--prompt-length", type=int, default=10, help="K of the released V1 file (default 10)")
+    parser.add_argument(
+        "--base", default="llama-7b", help="base the adapter belongs to (preset or folder; default llama-7b)"
+    )
+    parser.add_argument(
+        "--prompt-length", type=positive_count, default=10, help="K of the released V1 file (default 10)"
+    )
     parser.add_argument(
         "--no-tanh",
         action="store_true",

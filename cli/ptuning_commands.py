@@ -6,7 +6,6 @@ Cheap to import: the work happens inside the functions (the CLI imports every co
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -14,7 +13,11 @@ def _base_for(args: argparse.Namespace) -> str | Path:
     """An official checkpoint folder carries the base's config.json; otherwise `--base` names it."""
     src = Path(args.src)
     config = src / "config.json" if src.is_dir() else src.parent / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type"):
+    # Imported on use, not at the top: the command line starts without loading what other commands need.
+    from mmadapter.core.files import read_json
+
+    document = read_json(config) if config.is_file() else {}
+    if isinstance(document, dict) and document.get("model_type"):
         return config.parent
     return args.base
 

@@ -1,11 +1,12 @@
 """Files written so that readers, and a crash, never see half of one; content hashes of files; and
-weight files read so that a damaged or hostile one is a one-line error naming it, never a traceback."""
+weight and JSON files read so that a damaged or hostile one is a one-line error naming it, never a traceback."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -83,7 +84,8 @@ class RefusedPickleError(pickle.UnpicklingError, ValueError):
 
     def __init__(self, path: str | Path, detail: str) -> None:
         # torch's message also advises weights_only=False: that advice is dropped, what it refused is kept.
-        kept = [s for s in re.split(r"(?<=\.)\s+", " ".join(detail.split())) if not _UNSAFE_ADVICE.search(s)]
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", detail)  # torch emboldens part of it for terminals
+        kept = [s for s in re.split(r"(?<=\.)\s+", " ".join(plain.split())) if not _UNSAFE_ADVICE.search(s)]
         super().__init__(
             f"{path}: holds Python objects beyond tensors, and loading them could run code; mmadapter loads "
             "tensors only (weights_only). Convert it where you trust its source, or get a safetensors file"
@@ -126,9 +128,26 @@ def torch_file_errors(path: str | Path) -> Iterator[None]:
         raise _damaged_weights(path) from error
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON document without NaN or Infinity (Python accepts them; no size, rate or id can be one); bad syntax,
+    bad UTF-8 or such a constant is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_bytes(), parse_constant=_refuse_constant)
+    except ValueError as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from error
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_torch_file(path: str | Path) -> Any:
     """What `torch.save` wrote to `path`, tensors and plain containers only (weights_only; zip archives
     memory-mapped, so no tensor data is read until used); a refused or damaged file is a ValueError naming it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{path}: {'a folder, not a weights file' if Path(path).is_dir() else 'file not found'}"
+        )
     with torch_file_errors(path):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 

@@ -25,3 +25,14 @@ class Quantization:
     """4-bit only: dtype of the dequantized weights and of the matmul."""
     double_quant: Bool = True
     """4-bit only: quantize the per-block scales too (about 0.4 bits per weight less)."""
+
+    def __post_init__(self) -> None:
+        if self.bits == 8:  # LLM.int8 has none of these: a value set for it would silently do nothing
+            defaults = {field.name: field.default for field in dataclasses.fields(self)}
+            changed = [
+                name
+                for name in ("quant_type", "compute_dtype", "double_quant")
+                if getattr(self, name) != defaults[name]
+            ]
+            if changed:
+                raise ValueError(f"model.quantization.{changed[0]} applies to bits: 4 only; leave it out with bits: 8")

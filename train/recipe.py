@@ -330,6 +330,10 @@ def _validate(recipe: Recipe, implicit_stage: bool) -> None:
                     f"{key}data.{split}.{j}.path: {source.path} is a tar shard, which is read only as streamed "
                     "training data (data.streaming: true); give evaluation data as a JSON/JSONL file"
                 )
+        if data.num_workers < 0:
+            raise ValueError(
+                f"{key}data.num_workers: must be 0 (read in the training process) or more, got {data.num_workers}"
+            )
         if train.epochs is None and train.max_steps is None:
             raise ValueError(f"{key}train: set epochs or max_steps")
         if train.lr is None and train.base_lr is None:

@@ -37,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from mmadapter.core.files import atomic_save_tensors, atomic_write_bytes, file_sha256
+from mmadapter.core.state_dicts import check_fits
 from mmadapter.vision.tiny import TINY_MODELS, TINY_PREPROCESS, register_tiny_configs
 from mmadapter.vision.towers import SUPPORTED, tower_tokens, tower_width, unsupported_reason
 from mmadapter.vision.transforms import clip_transform
@@ -261,10 +262,9 @@ class FrozenCLIPEncoder(nn.Module):
         state = _visual_state(read_state_dict(self.weights_path), str(self.weights_path))
         if isinstance(visual, TimmModel) and not any(key.startswith("trunk.") for key in state):
             state = {f"trunk.{key}": tensor for key, tensor in state.items()}  # a timm checkpoint of the trunk alone
-        try:
-            visual.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as error:
-            raise ValueError(f"{self.weights_path}: weights do not fit {self.model_name}: {error}") from error
+        advice = "another tower's weights? name its architecture (--clip-model), or give the folder with its config"
+        check_fits(visual, state, f"{self.weights_path}: weights do not fit {self.model_name}", advice)
+        visual.load_state_dict(state, strict=True, assign=True)
         return visual.to(device=device, dtype=dtype)
 
     # --- frozen behaviour -------------------------------------------------------------------------

@@ -8,7 +8,6 @@ models, which is what tests, benchmarks and `mmadapter info` (on the meta device
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +23,9 @@ from mmadapter.adapters.backbones.quantization import (
     check_quantization,
     set_cpu_4bit_repacking,
 )
-from mmadapter.core.files import torch_file_errors
+from mmadapter.core.files import read_json, torch_file_errors
 from mmadapter.core.quantization import Quantization
+from mmadapter.core.state_dicts import check_fits
 
 #: model_type -> tokenizer loader for backbones whose tokenizer is not a stock transformers one.
 TOKENIZER_LOADERS: dict[str, object] = {}
@@ -73,12 +73,7 @@ def read_base_config(base: str | Path) -> PretrainedConfig:
 
 
 def _model_type(config_file: Path) -> str | None:
-    try:
-        document = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"{config_file}: not a valid JSON config ({error}); restore the model's config.json"
-        ) from error
+    document = read_json(config_file)
     if not isinstance(document, dict):
         raise ValueError(f"{config_file}: not a model config (a JSON object); restore the model's config.json")
     return document.get("model_type")
@@ -101,6 +96,7 @@ def load_base_model(
     elif is_meta_checkpoint(base):
         config, state = load_meta_checkpoint(base)
         model = build_base_model(config, device="meta")  # no random init of weights about to be replaced
+        check_fits(model, state, f"{base}: the consolidated.*.pth weights do not fit its params.json")
         model.load_state_dict(state, strict=True, assign=True)
         rotary = model.model.rotary_emb  # its buffers are computed, not stored: rebuild them off the meta device
         with torch.device("cpu"):

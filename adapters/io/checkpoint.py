@@ -32,7 +32,13 @@ from mmadapter.adapters.methods.base import (
     trainable_parameters,
 )
 from mmadapter.core.config import Int, describe, document_type, parse
-from mmadapter.core.files import atomic_save_tensors, atomic_write_bytes, read_safetensors, read_safetensors_shapes
+from mmadapter.core.files import (
+    atomic_save_tensors,
+    atomic_write_bytes,
+    read_json,
+    read_safetensors,
+    read_safetensors_shapes,
+)
 from mmadapter.core.templates import TemplateName
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -162,7 +168,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; is this an mmadapter adapter folder?")
-    document = _read_json(path)
+    document = read_json(path)
     try:
         parse(AdapterDocument, document)
         _parse_adapter_section(document["adapter"])
@@ -179,18 +185,6 @@ def recorded_base(directory: str | Path) -> tuple[str | None, str | None]:
     document = read_adapter_config(directory)
     model = (document.get("training") or {}).get("model") or {}
     return model.get("base") or document["base"].get("name_or_path") or None, model.get("tokenizer")
-
-
-def _read_json(path: Path) -> Any:
-    """JSON without NaN or Infinity, which Python accepts but no size or rate can be."""
-    try:
-        return json.loads(path.read_bytes(), parse_constant=_refuse_constant)
-    except ValueError as error:  # bad syntax, bad UTF-8, or NaN
-        raise ValueError(f"{path}: invalid JSON ({error})") from error
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _parse_adapter_section(values: dict[str, Any]) -> None:

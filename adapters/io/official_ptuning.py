@@ -22,7 +22,7 @@ from torch import nn
 from mmadapter.adapters.io.checkpoint import WEIGHTS_FILE, read_adapter_config
 from mmadapter.adapters.methods.base import adapter_config_of, attach_adapter
 from mmadapter.adapters.methods.ptuning_v2 import ENCODER_NAME, PTuningV2Config, prefix_encoder_of, prefix_geometry
-from mmadapter.core.files import atomic_write_bytes, read_safetensors, read_torch_file
+from mmadapter.core.files import atomic_write_bytes, read_json, read_safetensors, read_torch_file
 
 OFFICIAL_PREFIX = f"transformer.{ENCODER_NAME}."
 OFFICIAL_WEIGHTS = "pytorch_model.bin"
@@ -49,7 +49,9 @@ def read_official_ptuning(source: str | Path) -> tuple[dict[str, torch.Tensor], 
             f"{path}: no {OFFICIAL_PREFIX}* keys; not a P-Tuning v2 checkpoint (found {sorted(state)[:5]})"
         )
     config_path = path.parent / OFFICIAL_CONFIG
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json(config_path) if config_path.is_file() else {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
     return tensors, config
 
 

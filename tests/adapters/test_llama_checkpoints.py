@@ -70,6 +70,15 @@ def test_meta_layout_loads_with_the_same_logits(tiny_llama, tmp_path, shards, gq
         torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
 
 
+def test_a_meta_folder_missing_a_tensor_is_an_error_naming_it(tiny_llama, tmp_path):
+    write_meta_checkpoint(tiny_llama(), tmp_path / "meta", shards=1)
+    state = torch.load(tmp_path / "meta/consolidated.00.pth", weights_only=True)
+    del state["layers.1.ffn_norm.weight"]
+    torch.save(state, tmp_path / "meta/consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"weights do not fit its params.json: 1 missing \(e.g. model.layers.1.post"):
+        load_base_model(tmp_path / "meta")
+
+
 def test_convert_meta_llama_writes_a_hf_folder(tiny_llama, tmp_path):
     model = tiny_llama()
     write_meta_checkpoint(model, tmp_path / "meta", shards=2)
@@ -106,7 +115,7 @@ def test_a_broken_model_folder_is_an_error_naming_the_file_and_what_to_do(tiny_l
     ):
         load_base_model(folder)
     (folder / "config.json").write_text('{"model_type": "llama",')
-    with pytest.raises(ValueError, match=r"config.json: not a valid JSON config \(Expecting"):
+    with pytest.raises(ValueError, match=r"config.json: invalid JSON \(Expecting"):
         load_base_model(folder)
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no tokenizer here"):
         load_tokenizer(tmp_path)

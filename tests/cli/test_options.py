@@ -51,6 +51,7 @@ def test_a_port_in_use_is_named_before_the_model_loads(capsys, monkeypatch):
         (["eval", "adapter", "--data", "d.json", "--batch-size", "0"], "argument --batch-size: '0' is not a whole"),
         (["eval", "adapter", "--data", "d.json", "--limit", "-1"], "argument --limit: '-1' is not a whole number"),
         (["export", "--base", "b", "--adapter", "a", "out", "--max-shard-size", "0"], "--max-shard-size: '0' is not a"),
+        (["convert", "official-v1", "v1.pth", "out", "--prompt-length", "0"], "--prompt-length: '0' is not a whole"),
     ],
 )
 def test_a_bad_number_is_refused_by_the_parser_naming_the_flag_in_two_lines(capsys, argv, says):

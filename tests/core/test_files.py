@@ -38,3 +38,12 @@ def test_file_sha256_is_the_hash_of_the_bytes(tmp_path):
 
     (tmp_path / "f").write_bytes(b"mmadapter" * 1000)
     assert file_sha256(tmp_path / "f") == hashlib.sha256(b"mmadapter" * 1000).hexdigest()
+
+
+def test_a_weights_path_that_is_not_a_file_is_named_as_such(tmp_path):
+    from mmadapter.core.files import read_torch_file
+
+    with pytest.raises(FileNotFoundError, match=r"missing.pth: file not found"):
+        read_torch_file(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match=r": a folder, not a weights file"):
+        read_torch_file(tmp_path)

@@ -33,6 +33,15 @@ def minimal(**changes):
     ("change", "message"),
     [
         ({"train": {"epochs": 1, "lr": "abc"}}, "^train.lr: expected float, got 'abc'"),
+        ({"train": {"epochs": 1, "lr": 1e38}}, r"train.lr: 1e\+38 is not a learning rate (at most 10)"),
+        (
+            {"data": {"train": [{"format": "alpaca", "path": "a.json"}], "num_workers": -1}},
+            "data.num_workers: must be 0",
+        ),
+        (
+            {"model": {"base": "tiny-llama", "quantization": {"bits": 8, "quant_type": "fp4"}}},
+            "model.quantization.quant_type applies to bits: 4 only",
+        ),
         ({"train": {"epochs": 1, "lr": 0.1, "batch_size": 2.5}}, "train.batch_size: expected int, got 2.5"),
         ({"train": {"epochs": 1, "lr": 0.1, "bogus": 1}}, "train.bogus: unknown key"),
         ({"model": {"tokenizer": "t"}}, "model.base: required key is missing"),
