@@ -140,7 +140,7 @@ def _load_quantized(
         with tempfile.TemporaryDirectory() as folder:
             build_base_model(base_config(str(base))).save_pretrained(folder)
             model = _from_folder(folder, dtype, attn_implementation, **options)
-        model.config.name_or_path = ""
+        model.config.name_or_path = str(base)  # the preset, not the temporary folder
     elif is_meta_checkpoint(base):
         raise ValueError(
             f"{base}: a Meta-layout folder converts to full precision as it loads, so it cannot be quantized on load; "

@@ -243,7 +243,9 @@ MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
 def base_config(name: str) -> PretrainedConfig:
     if name not in BASE_PRESETS:
         raise ValueError(f"unknown base preset {name!r}; available: {', '.join(sorted(BASE_PRESETS))}")
-    return BASE_PRESETS[name]()
+    config = BASE_PRESETS[name]()
+    config.name_or_path = name  # what an adapter attached to it records as its base (as a folder's path is)
+    return config
 
 
 def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:

@@ -241,7 +241,10 @@ BROKEN_FOLDERS = {
         lambda f: _edit_config(f, lambda d: d["base"].update(name_or_path="llama-7b")),
         "names base 'llama-7b'.*hidden_size",
     ),
-    "base shape edited": (lambda f: _edit_config(f, lambda d: d["base"]["shape"].update(hidden_size=128)), "shape"),
+    "base shape edited": (
+        lambda f: _edit_config(f, lambda d: d["base"]["shape"].update(hidden_size=128)),
+        "hidden_size",
+    ),
 }
 
 

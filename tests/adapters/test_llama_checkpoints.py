@@ -148,6 +148,8 @@ def test_official_v1_import_maps_rows_to_the_top_layers(tiny_llama, tmp_path, sc
         == 0
     )
     load_adapter(model, tmp_path / "out")
+    # the preset it was converted for is its recorded base (cards name it; chat/serve may leave out --base)
+    assert json.loads((tmp_path / "out/mmadapter_config.json").read_text())["base"]["name_or_path"] == "tiny-llama"
     layers = model.model.layers
     assert not hasattr(layers[0].self_attn, "adapter_prompt")
     for i, layer in enumerate((1, 2, 3)):  # prompt rows [2i, 2i+2) belong to block N - L + i
