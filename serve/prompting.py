@@ -47,13 +47,14 @@ def encode_chat(
     """The ids of the prompt that asks for the reply to `message` after `history`. `system` is a chat template's
     system turn (the official templates put it before the first question); `image` says the conversation has a
     picture (V2), which a chat template that renders image parts marks in the first question."""
+    if not isinstance(template, ChatTemplate) and not uses_glm_layout(model_type):
+        # The official templates put EOS after every earlier reply: training's encoding, without the last reply.
+        example = Example(source="chat", turns=(*history, (message, "")), system=system)
+        return encode_prompt(example, tokenizer, template)
     text = chat_text(tokenizer, model_type, template, message, history, system=system, image=image)
     if isinstance(template, ChatTemplate):
         return _tokens(tokenizer, text)  # apply_chat_template's text, tokenized as training tokenizes it
-    if uses_glm_layout(model_type):
-        return encode_text(tokenizer, model_type, text)
-    # The official templates put EOS after every earlier reply: training's encoding, without the last reply.
-    return encode_prompt(Example(source="chat", turns=(*history, (message, "")), system=system), tokenizer, template)
+    return encode_text(tokenizer, model_type, text)
 
 
 def chat_text(
