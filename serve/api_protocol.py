@@ -6,6 +6,11 @@ but still accepts every connection. Here a connection must deliver each request'
 `header_timeout` seconds of opening or of the previous response (else 408 and closed), and a connection beyond
 `max_connections` gets a 503 and is closed at once. The check reads h11's public connection state (the client's
 side is still `IDLE` until its headers are complete).
+
+Every close the server starts is a lingering close (as nginx's `lingering_close`): the answer is followed by a
+FIN, not a bare close, and what the client still sends is read and dropped for up to `LINGER_SECONDS`. A plain
+close with unread request bytes makes the kernel answer with a reset that can destroy the 408/413 the client has
+not read yet; a client cut off mid-body would see "connection reset" instead of the reason.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+LINGER_SECONDS = 2.0
 
 
 def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
@@ -28,6 +35,31 @@ def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
     return head.encode() + body.encode()
 
 
+class LingeringTransport:
+    """A connection's transport whose `close` half-closes and lingers (see the module docstring)."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self.transport.is_closing()
+
+    def close(self) -> None:
+        """Send what is buffered and a FIN, then close once the client closes or `LINGER_SECONDS` pass."""
+        if self.is_closing() or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.lingering = True
+        self.transport.write_eof()
+        self.transport.resume_reading()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+
 class GuardedH11Protocol(H11Protocol):
     """`H11Protocol` plus the header deadline and the connection cap (see the module docstring)."""
 
@@ -38,12 +70,22 @@ class GuardedH11Protocol(H11Protocol):
         self._header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(LingeringTransport(transport, self.loop))  # type: ignore[arg-type]
         if len(self.connections) > self.max_connections:
             message = f"the server has {self.max_connections} connections open, its limit; retry shortly"
             self._refuse(_raw_response(503, "Service Unavailable", message, "too_many_connections"))
             return
         self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.transport.lingering:  # while lingering, the client's bytes are read only to be dropped
+            super().data_received(data)
+
+    def shutdown(self) -> None:
+        """The server is stopping: close at once, lingering included."""
+        super().shutdown()
+        if self.transport.lingering:
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

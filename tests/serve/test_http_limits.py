@@ -149,6 +149,25 @@ def test_a_client_sending_its_body_too_slowly_is_cut_off(start_server):
     assert post_chat(server, _message("hi"))[0] == 200
 
 
+def test_a_client_still_sending_its_body_reads_the_whole_refusal(start_server):
+    """The server answers 413 while the client is mid-body: it must get the answer and a clean end, not a reset.
+
+    A bare close with unread bytes makes the kernel send a reset, which fails the client's next send and can drop
+    the answer before it is read; the lingering close reads and drops the rest, so the whole body goes out."""
+    server = start_server(max_body_bytes=1000)
+    total = 16 * 2**20  # more than loopback's socket buffers hold: a server that stops reading fails the sends
+    sock = socket.create_connection(server.server_address, timeout=10)
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n"
+    sock.sendall(head.encode())
+    chunk = b"x" * 2**16
+    for _ in range(total // len(chunk)):
+        sock.sendall(chunk)  # a reset here (BrokenPipeError / ConnectionResetError) fails the test
+    answer = b"".join(iter(lambda: sock.recv(4096), b""))
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413") and answer.endswith(b'"code":"request_too_large"}}')
+    assert raw_request(server, "GET", "/health")[1]["status"] == "ok"
+
+
 def test_an_announced_oversized_body_is_refused_before_it_is_sent(start_server):
     server = start_server(max_body_bytes=1000)
     head = (
