@@ -8,6 +8,9 @@ from pathlib import Path
 from mmadapter.cli.options import announce_loading, positive_count
 from mmadapter.cli.ptuning_commands import export_official_ptuning, import_official_ptuning
 
+#: The base of the released LLaMA-Adapter files (V1, V2 multimodal) when `--base` is not given.
+LLAMA_ADAPTER_BASE = "llama-7b"
+
 
 def _meta_llama(args: argparse.Namespace) -> str:
     """Meta-layout LLaMA folder -> Hugging Face layout folder (weights, config, tokenizer)."""
@@ -32,7 +35,7 @@ def _official_v1(args: argparse.Namespace) -> str:
     from mmadapter.adapters.io.official_v1 import convert_official_v1, load_official_state
     from mmadapter.adapters.methods.base import attach_adapter
 
-    base = read_base_config(args.base)
+    base = read_base_config(args.base or LLAMA_ADAPTER_BASE)
     config, tensors = convert_official_v1(
         load_official_state(args.src),
         base.num_attention_heads,
@@ -58,7 +61,11 @@ def _official_v2(args: argparse.Namespace) -> str:
     from mmadapter.adapters.io.official_v2 import convert_official_v2_file
 
     return convert_official_v2_file(
-        args.src, args.dst, args.base, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained
+        args.src,
+        args.dst,
+        args.base or LLAMA_ADAPTER_BASE,
+        clip_model=args.clip_model,
+        clip_pretrained=args.clip_pretrained,
     )
 
 
@@ -90,7 +97,7 @@ CONVERTERS = {
     ),
     "official-ptuning": (
         "official ChatGLM-6B P-Tuning v2 checkpoint (folder or pytorch_model.bin) to an mmadapter adapter folder "
-        "(base from the checkpoint's config.json, else --base, e.g. chatglm-6b)",
+        "(base: --base, else the checkpoint's config.json, else chatglm-6b)",
         import_official_ptuning,
     ),
     "to-official-ptuning": (
@@ -108,7 +115,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("src", type=Path, help="source file or folder")
     parser.add_argument("dst", type=Path, help="destination folder")
     parser.add_argument(
-        "--base", default="llama-7b", help="base the adapter belongs to (preset or folder; default llama-7b)"
+        "--base",
+        help=f"base the adapter belongs to (preset or folder; default {LLAMA_ADAPTER_BASE}, and for official-ptuning "
+        "the checkpoint's config.json, else chatglm-6b)",
     )
     parser.add_argument(
         "--prompt-length", type=positive_count, default=10, help="K of the released V1 file (default 10)"

@@ -8,9 +8,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+#: The base of the official P-Tuning v2 checkpoints when neither `--base` nor their config.json names one.
+PTUNING_BASE = "chatglm-6b"
+
 
 def _base_for(args: argparse.Namespace) -> str | Path:
-    """An official checkpoint folder carries the base's config.json; otherwise `--base` names it."""
+    """`--base` when given; else the base's config.json an official checkpoint folder carries; else ChatGLM-6B."""
+    if args.base is not None:
+        return args.base
     src = Path(args.src)
     config = src / "config.json" if src.is_dir() else src.parent / "config.json"
     # Imported on use, not at the top: the command line starts without loading what other commands need.
@@ -19,7 +24,7 @@ def _base_for(args: argparse.Namespace) -> str | Path:
     document = read_json(config) if config.is_file() else {}
     if isinstance(document, dict) and document.get("model_type"):
         return config.parent
-    return args.base
+    return PTUNING_BASE
 
 
 def import_official_ptuning(args: argparse.Namespace) -> str:

@@ -384,6 +384,26 @@ def test_chatglm_official_checkpoint_folder_converts_both_ways(chatglm_base, tmp
         assert torch.equal(readme(GLM_IDS).logits, expected)
 
 
+def test_an_explicit_base_wins_over_the_checkpoints_config(chatglm_base, tmp_path, capsys):
+    """A user who names the base means it: the folder's config.json (here of a wider model) is not used then."""
+    trained = ptuning_chatglm(chatglm_base, prefix_projection=False)
+    official = tmp_path / "checkpoint"
+    official.mkdir()
+    wider = {**chatglm_base.config.to_dict(), "hidden_size": 2 * chatglm_base.config.hidden_size}
+    (official / "config.json").write_text(json.dumps({**wider, "pre_seq_len": P}))
+    state = {f"transformer.prefix_encoder.{k}": v.clone() for k, v in prefix_encoder_of(trained).state_dict().items()}
+    torch.save(state, official / "pytorch_model.bin")
+
+    assert main(["convert", "official-ptuning", str(official), str(tmp_path / "ours"), "--base", "tiny-chatglm"]) == 0
+    assert "(base tiny-chatglm)" in capsys.readouterr().out
+    with torch.no_grad():
+        loaded = load_adapter(copy.deepcopy(chatglm_base), tmp_path / "ours")
+        assert torch.equal(loaded(GLM_IDS).logits, trained(GLM_IDS).logits)
+    # Without --base the config.json is the base, and its width does not fit the prefix: one clear line.
+    assert main(["convert", "official-ptuning", str(official), str(tmp_path / "other")]) == 2
+    assert "trained for another base model" in capsys.readouterr().err
+
+
 def test_info_counts_on_chatglm_6b(capsys):
     assert main(["info", "--base", "chatglm-6b", "--method", "ptuning-v2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["trainable_params"] == 128 * 28 * 2 * 4096 == 29_360_128
