@@ -8,9 +8,10 @@ but still accepts every connection. Here a connection must deliver each request'
 side is still `IDLE` until its headers are complete).
 
 Every close the server starts is a lingering close (as nginx's `lingering_close`): the answer is followed by a
-FIN, not a bare close, and what the client still sends is read and dropped for up to `LINGER_SECONDS`. A plain
-close with unread request bytes makes the kernel answer with a reset that can destroy the 408/413 the client has
-not read yet; a client cut off mid-body would see "connection reset" instead of the reason.
+FIN, not a bare close, and what the client still sends is read and dropped until it has been silent for
+`LINGER_IDLE_SECONDS`, at most `LINGER_MAX_SECONDS` in all (nginx's `lingering_timeout` and `lingering_time`).
+A plain close with unread request bytes makes the kernel answer with a reset that can destroy the 408/413 the
+client has not read yet; a client cut off mid-body would see "connection reset" instead of the reason.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-LINGER_SECONDS = 2.0
+LINGER_IDLE_SECONDS = 2.0
+LINGER_MAX_SECONDS = 30.0
 
 
 def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
@@ -42,6 +44,8 @@ class LingeringTransport:
         self.transport = transport
         self.loop = loop
         self.lingering = False
+        self._linger_until = 0.0
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
@@ -50,14 +54,22 @@ class LingeringTransport:
         return self.lingering or self.transport.is_closing()
 
     def close(self) -> None:
-        """Send what is buffered and a FIN, then close once the client closes or `LINGER_SECONDS` pass."""
+        """Send what is buffered and a FIN, then close once the client closes or goes quiet (module docstring)."""
         if self.is_closing() or not self.transport.can_write_eof():
             self.transport.close()
             return
         self.lingering = True
+        self._linger_until = self.loop.time() + LINGER_MAX_SECONDS
         self.transport.write_eof()
         self.transport.resume_reading()
-        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        self.client_was_heard()
+
+    def client_was_heard(self) -> None:
+        """While lingering: the client sent more, so wait for its silence again (within the overall limit)."""
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        delay = min(LINGER_IDLE_SECONDS, self._linger_until - self.loop.time())
+        self._linger_timer = self.loop.call_later(max(delay, 0.0), self.transport.close)
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -78,7 +90,9 @@ class GuardedH11Protocol(H11Protocol):
         self._arm_header_deadline()
 
     def data_received(self, data: bytes) -> None:
-        if not self.transport.lingering:  # while lingering, the client's bytes are read only to be dropped
+        if self.transport.lingering:  # the client's bytes are read only to be dropped
+            self.transport.client_was_heard()
+        else:
             super().data_received(data)
 
     def shutdown(self) -> None:

@@ -168,6 +168,19 @@ def test_a_client_still_sending_its_body_reads_the_whole_refusal(start_server):
     assert raw_request(server, "GET", "/health")[1]["status"] == "ok"
 
 
+def test_a_refused_client_that_keeps_sending_slowly_is_read_until_it_stops(start_server):
+    """Lingering waits for the client's silence (2 s), not a fixed 2 s: pieces 0.4 s apart for 3.2 s all land."""
+    server = start_server(max_body_bytes=1000)
+    sock = socket.create_connection(server.server_address, timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
+    for _ in range(8):
+        time.sleep(0.4)
+        sock.sendall(b"x" * 2**16)  # after a close the server's kernel resets: a later send fails the test
+    answer = b"".join(iter(lambda: sock.recv(4096), b""))
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413") and answer.endswith(b'"code":"request_too_large"}}')
+
+
 def test_an_announced_oversized_body_is_refused_before_it_is_sent(start_server):
     server = start_server(max_body_bytes=1000)
     head = (
