@@ -44,6 +44,7 @@ class LingeringTransport:
         self.transport = transport
         self.loop = loop
         self.lingering = False
+        self.may_linger = True  # until the server stops: then every close is immediate
         self._linger_until = 0.0
         self._linger_timer: asyncio.TimerHandle | None = None
 
@@ -55,7 +56,7 @@ class LingeringTransport:
 
     def close(self) -> None:
         """Send what is buffered and a FIN, then close once the client closes or goes quiet (module docstring)."""
-        if self.is_closing() or not self.transport.can_write_eof():
+        if self.is_closing() or not self.may_linger or not self.transport.can_write_eof():
             self.transport.close()
             return
         self.lingering = True
@@ -96,7 +97,8 @@ class GuardedH11Protocol(H11Protocol):
             super().data_received(data)
 
     def shutdown(self) -> None:
-        """The server is stopping: close at once, lingering included."""
+        """The server is stopping: close at once, lingering included (it would hold the shutdown up)."""
+        self.transport.may_linger = False
         super().shutdown()
         if self.transport.lingering:
             self.transport.close()

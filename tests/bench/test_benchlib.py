@@ -18,7 +18,9 @@ def test_gpu_clock_reports_the_median_of_its_samples_and_nothing_off_cuda(monkey
     readings = itertools.cycle([345, 1980, 1980])  # idle, then boost: the median is the boost clock
     monkeypatch.setattr(torch.cuda, "clock_rate", lambda device=None: next(readings))
     with GPUClock("cuda:0") as clock:
-        time.sleep(0.4)
+        deadline = time.monotonic() + 10
+        while len(clock.samples) < 3 and time.monotonic() < deadline:  # a sample each 50 ms, later when loaded
+            time.sleep(0.05)
     assert len(clock.samples) >= 3 and clock.median_mhz == 1980
     with GPUClock("cpu") as clock:
         time.sleep(0.1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -214,19 +216,27 @@ def test_adapter_scale_zero_is_the_base_and_scales_each_term(multi, folders):
 def test_worker_batches_concurrent_turns_with_the_alone_answers(multi, alone):
     turns = [ChatTurn(p, adapter=a, params=GREEDY) for p, a in zip(PROMPTS, ["v1", "v2", "lora", "base"], strict=True)]
     worker = GenerationWorker(multi, max_queue=0, max_batch=4)
+    release, seen_running = threading.Event(), []
+
+    def step_started(*args) -> None:  # on the worker thread: how many rows this step runs
+        release.wait(60)
+        seen_running.append(worker.running)
+
+    handle = multi.model.register_forward_pre_hook(step_started)
     try:
         jobs = [worker.submit(turn) for turn in turns]
         with pytest.raises(QueueFullError):
-            worker.submit(turns[0])  # 4 in the batch, 0 may wait
-        seen_running = []
+            worker.submit(turns[0])  # 4 accepted (the first step is held), 0 may wait
+        release.set()
         answers = []
         for job in jobs:
             tokens = []
             for event in job.events():
-                seen_running.append(worker.running)
                 tokens += getattr(event, "token_ids", [])
             answers.append(tokens)
     finally:
+        release.set()
+        handle.remove()
         assert worker.close()
     assert max(seen_running) > 1 and worker.pending == 0
     for turn, job, tokens in zip(turns, jobs, answers, strict=True):

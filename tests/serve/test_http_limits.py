@@ -132,7 +132,7 @@ def test_a_client_sending_its_headers_byte_by_byte_is_cut_off(start_server):
     request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
     answer, elapsed = _trickle(server, b"", _bytes(request), 1.0)
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
-    assert elapsed < 3.5  # cut at the deadline, long before the 4 minutes the whole request would take
+    assert elapsed < 8  # cut at the deadline (slack for a loaded machine), long before the whole request's 4 min
     assert raw_request(server, "GET", "/health")[1]["status"] == "ok"
 
 
@@ -145,7 +145,7 @@ def test_a_client_sending_its_body_too_slowly_is_cut_off(start_server):
     ).encode()
     answer, elapsed = _trickle(server, head, _bytes(body), 0.2)
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
-    assert elapsed < 3.0
+    assert elapsed < 8  # the whole body at this pace takes about 20 s
     assert post_chat(server, _message("hi"))[0] == 200
 
 
@@ -209,13 +209,14 @@ def test_connections_beyond_the_cap_are_refused_and_the_server_recovers(start_se
     deadline = time.monotonic() + 5
     while server.active_connections < 40 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert threading.active_count() == threads  # open connections cost no threads (was one each)
+    assert threading.active_count() <= threads  # open connections cost no threads (was one each)
     extra = socket.create_connection(server.server_address, timeout=10)
     answer = b"".join(iter(lambda: extra.recv(4096), b""))
     extra.close()
     assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer and b"Retry-After: 1" in answer
     for sock in idle:
         sock.close()
+    deadline = time.monotonic() + 10
     while server.active_connections and time.monotonic() < deadline:
         time.sleep(0.01)
     assert raw_request(server, "GET", "/health")[1]["status"] == "ok"
@@ -310,7 +311,12 @@ def test_32_clients_against_max_queue_8_all_complete_or_get_429(served, start_se
     server = start_server(max_queue=8)
     results: list[tuple[int, str | None]] = []
     errors: list[BaseException] = []
-    handle = served.model.register_forward_pre_hook(lambda *args: time.sleep(0.01))  # a busy model
+    release = threading.Event()
+
+    def busy_model(*args) -> None:  # held until the refusals are in: no race with how fast requests arrive
+        release.wait(60)
+
+    handle = served.model.register_forward_pre_hook(busy_model)
 
     def call() -> None:
         try:
@@ -330,6 +336,10 @@ def test_32_clients_against_max_queue_8_all_complete_or_get_429(served, start_se
     threads = [threading.Thread(target=call) for _ in range(32)]
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + 60
+    while len(results) < 8 and time.monotonic() < deadline:  # at most a batch of 16 and 8 waiting are accepted
+        time.sleep(0.01)
+    release.set()
     for thread in threads:
         thread.join(90)
     handle.remove()
@@ -338,7 +348,7 @@ def test_32_clients_against_max_queue_8_all_complete_or_get_429(served, start_se
     statuses = [status for status, _ in results]
     assert len(statuses) == 32 and set(statuses) <= {200, 429}, statuses
     assert statuses.count(200) >= 9  # what is running plus eight waiting always fit
-    assert 429 in statuses  # and the rest was refused at once (measured: 24 answered, a batch of 16 + 8, 8 refused)
+    assert statuses.count(429) >= 8  # the rest was refused at once, while the model was still busy
     assert all(retry == "1" for status, retry in results if status == 429)
     health = raw_request(server, "GET", "/health")[1]
     assert health["status"] == "ok" and health["pending"] == 0

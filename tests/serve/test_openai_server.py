@@ -239,7 +239,7 @@ def test_a_client_that_disconnects_mid_answer_frees_the_model(served, start_serv
 
     handle = served.model.register_forward_pre_hook(slow_forward)
     try:
-        body = json.dumps({**_message("the"), "stream": stream, "max_tokens": 200}).encode()
+        body = json.dumps({**_message("the"), "stream": stream, "max_tokens": 600}).encode()
         sock = socket.create_connection(server.server_address[:2])
         head = (
             "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -260,7 +260,7 @@ def test_a_client_that_disconnects_mid_answer_frees_the_model(served, start_serv
         while server.worker.pending and time.monotonic() < deadline:
             time.sleep(0.01)
         assert server.worker.pending == 0
-        assert len(forwards) - at_close < 20  # stopped within a few tokens, not after 200
+        assert len(forwards) - at_close < 150  # stopped soon (a few tokens; slack for a loaded machine), not after 600
     finally:
         handle.remove()
     assert post_chat(server, _message("hi"))[0] == 200

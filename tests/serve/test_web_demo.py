@@ -122,6 +122,7 @@ def _chrome():
     reason="Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)",
 )
 def test_image_chat_in_a_real_browser(served_v2, tmp_path, capsys):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -132,7 +133,8 @@ def test_image_chat_in_a_real_browser(served_v2, tmp_path, capsys):
         driver = _chrome()
         try:
             driver.get(url)
-            wait = WebDriverWait(driver, 60)
+            # Gradio re-renders the chat while it streams: an element found a moment ago may be gone.
+            wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
             upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[type=file]"))
             upload.send_keys(str(RED))
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "img.thumbnail-image"))  # the upload finished

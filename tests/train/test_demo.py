@@ -20,7 +20,11 @@ SHORT = DemoScale(train_images=400, heldout_images=40, questions_per_image=3, ca
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("demo")
-    assert run_demo(DemoOptions(output=output, scale=SHORT, threads=1)) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert run_demo(DemoOptions(output=output, scale=SHORT, threads=1)) == 0
+    finally:
+        torch.set_num_threads(threads)  # the demo sets the process's threads; later tests run with the default
     return output, json.loads((output / "metrics.json").read_text())
 
 

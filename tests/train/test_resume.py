@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mmadapter.cli.main import main
+from tests.helpers.threads import single_thread  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 #: Runs the CLI, but the process kills itself with SIGKILL while checkpoint 6 is half written.
@@ -53,9 +54,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(make_recipe, tmp_path
 
     killed = tmp_path / "killed"
     command = [sys.executable, "-c", DIES_WHILE_SAVING, "train", str(recipe), "--set", f"output_dir={killed}"]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}
-    )
+    # One thread here and there: bit-for-bit equality needs the same kernels' reduction order in both processes.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     checkpoints = killed / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [
