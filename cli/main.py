@@ -39,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mmadapter",
-        description="Parameter-efficient, multimodal fine-tuning of LLaMA and ChatGLM.",
+        description="Parameter-efficient, multimodal fine-tuning of Llama, Mistral, Qwen and ChatGLM.",
     )
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
