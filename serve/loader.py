@@ -305,7 +305,15 @@ def load_served_models(
         install_routes(model, name, shells[name])
     loaded_tokenizer = load_tokenizer(tokenizer_source)
     model_type = model.config.model_type
-    served = ServedModel.from_model(model, loaded_tokenizer, template=template, name=BASE_MODEL_ID)
+    # The `base` id is asked as the default adapter is, so comparing the two compares the same prompt.
+    default = documents[next(iter(adapters))]
+    served = ServedModel.from_model(
+        model,
+        loaded_tokenizer,
+        template=template or default.get("prompt_template"),
+        name=BASE_MODEL_ID,
+        chat_template=default.get("chat_template"),
+    )
     variants = {
         name: ServedVariant(
             name,

@@ -69,6 +69,23 @@ def test_the_served_template_is_the_one_the_adapter_folder_recorded(v1_base, tin
     assert load_served_model(base, folder, template="auto", device="cpu").template.source == LLAMA3_TEMPLATE
 
 
+def test_the_base_id_beside_adapters_is_asked_with_the_default_adapters_template(v1_base, tiny_llama, tmp_path):
+    """Comparing an adapter with `base` over the API compares answers to the same prompt (was: base in Alpaca)."""
+    from mmadapter.serve.loader import BASE_MODEL_ID, load_served_models
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    build_chat_tokenizer(CHATML_TEMPLATE).save_pretrained(base)
+    folder = save_adapter(v1_base, tmp_path / "adapter", prompt_template="chat", chat_template=LLAMA3_TEMPLATE)
+    served = load_served_models(base, {"chat": folder}, device="cpu")
+    turn = ChatTurn(QUESTION, HISTORY)
+    as_base = ChatTurn(QUESTION, HISTORY, adapter=BASE_MODEL_ID)
+    assert served.variant(BASE_MODEL_ID).template.source == LLAMA3_TEMPLATE
+    assert prompt_ids(served, as_base) == prompt_ids(served, turn)
+    end_of_turn = served.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert end_of_turn in served.variant(BASE_MODEL_ID).defaults.stop_token_ids
+
+
 def test_folders_without_a_record_and_bare_bases_keep_the_official_template(v1_base, tiny_llama, tmp_path):
     base = tmp_path / "base"
     tiny_llama().save_pretrained(base)
