@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmadapter.adapters.backbones.chatglm.chat import CHAT_DEFAULTS
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
-from mmadapter.adapters.backbones.presets import BASE_PRESETS
+from mmadapter.adapters.backbones.presets import is_preset
 from mmadapter.adapters.backbones.quantization import set_cpu_4bit_repacking
 from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
 from mmadapter.adapters.io.hub import download_adapter
@@ -209,7 +209,7 @@ def load_served_model(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     tokenizer_source = tokenizer or base
-    if str(tokenizer_source) in BASE_PRESETS:
+    if is_preset(tokenizer_source):
         raise ValueError(f"base {base!r} is a preset without a tokenizer; pass a tokenizer folder (--tokenizer)")
     folder = None if adapter is None else download_adapter(adapter, revision)
     # A broken adapter config fails here, before the base loads for minutes.
@@ -273,7 +273,7 @@ def load_served_models(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     tokenizer_source = tokenizer or base
-    if str(tokenizer_source) in BASE_PRESETS:
+    if is_preset(tokenizer_source):
         raise ValueError(f"base {base!r} is a preset without a tokenizer; pass a tokenizer folder (--tokenizer)")
     folders = {name: download_adapter(source, revision) for name, source in adapters.items()}
     # Broken adapter configs fail here, before the base loads for minutes.

@@ -15,7 +15,7 @@ import torch
 from accelerate import PartialState
 
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
-from mmadapter.adapters.backbones.presets import BASE_PRESETS
+from mmadapter.adapters.backbones.presets import is_preset
 from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config, recorded_base
 from mmadapter.adapters.methods.llama_adapter_v2 import takes_images, visual_prompter_of
 from mmadapter.core.encoding import encode_prompt
@@ -77,7 +77,7 @@ def load_for_eval(
     document = read_adapter_config(adapter_dir)
     recipe = saved_recipe(adapter_dir)
     saved_base, saved_tokenizer = recorded_base(adapter_dir)
-    if base is None and saved_base and saved_base not in BASE_PRESETS and not Path(saved_base).exists():
+    if base is None and saved_base and not is_preset(saved_base) and not Path(saved_base).exists():
         raise FileNotFoundError(
             f"{adapter_dir}: the adapter was trained on {saved_base}, which is not here (a path relative to the folder "
             "it was trained in?); pass --base PATH"
@@ -86,9 +86,9 @@ def load_for_eval(
     if not base:
         raise ValueError(f"{adapter_dir}: the adapter does not say which base model it needs; pass --base")
     folder = tokenizer or saved_tokenizer or base
-    if folder in BASE_PRESETS:
+    if is_preset(folder):
         raise ValueError(f"base {base!r} is a preset without a tokenizer; pass --tokenizer")
-    if base in BASE_PRESETS and recipe is not None:  # a preset's random weights: the ones the run trained on
+    if is_preset(base) and recipe is not None:  # a preset's random weights: the ones the run trained on
         torch.manual_seed(recipe.stages[0].train.seed)
     device = PartialState(cpu=not has_accelerator_device()).device if quantization is not None else "cpu"
     dtype = dtype or (recipe.model.dtype if recipe else None)

@@ -36,7 +36,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmadapter.adapters.backbones.presets import BASE_PRESETS
+from mmadapter.adapters.backbones.presets import BASE_PRESETS, is_preset
 from mmadapter.train.checkpointing import CHECKPOINTS, RECIPE_FILE, find_checkpoint, read_trainer_state
 from mmadapter.train.data import resolve_recipe_templates
 from mmadapter.train.loss import evaluate
@@ -70,7 +70,7 @@ def train(
     """
     output_dir = Path(recipe.output_dir)
     check_input_paths(recipe, model_given=model is not None, tokenizer_given=tokenizer is not None)
-    recipe = with_absolute_paths(recipe, keep=BASE_PRESETS)
+    recipe = with_absolute_paths(recipe, keep={name for name in BASE_PRESETS if is_preset(name)})
     point = find_checkpoint(resume) if resume is not None else None
     if point is None and any((output_dir / CHECKPOINTS).glob("ckpt-*")):
         raise ValueError(

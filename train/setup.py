@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
-from mmadapter.adapters.backbones.presets import BASE_PRESETS
+from mmadapter.adapters.backbones.presets import BASE_PRESETS, is_preset
 from mmadapter.adapters.backbones.quantization import check_quantization
 from mmadapter.adapters.io.checkpoint import load_adapter_weights
 from mmadapter.adapters.methods.base import (
@@ -126,7 +126,7 @@ def check_input_paths(recipe: Recipe, *, model_given: bool, tokenizer_given: boo
 
 def check_base_path(base: str) -> None:
     """A preset or a folder (Hugging Face or Meta layout); anything else would reach transformers as a hub id."""
-    if base not in BASE_PRESETS and not Path(base).is_dir():
+    if not is_preset(base) and not Path(base).is_dir():
         raise FileNotFoundError(
             f"model.base: {base} is neither a preset ({', '.join(sorted(BASE_PRESETS))}) nor a folder; "
             "set it to the base model folder (--set model.base=PATH)"
@@ -136,7 +136,7 @@ def check_base_path(base: str) -> None:
 def check_tokenizer_path(section: ModelSection) -> None:
     """The tokenizer folder is `model.tokenizer`, else the base folder (a preset has none)."""
     folder = section.tokenizer or section.base
-    if folder in BASE_PRESETS:
+    if is_preset(folder):
         raise ValueError(
             f"model.tokenizer: base {folder!r} is a preset without a tokenizer; "
             "set a tokenizer folder (--set model.tokenizer=PATH)"

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from transformers import AutoTokenizer, LlamaTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mmadapter.adapters.backbones.meta_llama import is_meta_checkpoint, load_meta_checkpoint
-from mmadapter.adapters.backbones.presets import BASE_PRESETS, base_config, build_base_model, model_class_for
+from mmadapter.adapters.backbones.presets import BASE_PRESETS, base_config, build_base_model, is_preset, model_class_for
 from mmadapter.adapters.backbones.quantization import (
     bitsandbytes_config,
     check_quantization,
@@ -56,7 +56,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def read_base_config(base: str | Path) -> PretrainedConfig:
     """The config of a preset name or a model folder, without loading any weights."""
-    if str(base) in BASE_PRESETS:
+    if is_preset(base):
         return base_config(str(base))
     folder = Path(base)
     if is_meta_checkpoint(folder):
@@ -91,7 +91,7 @@ def load_base_model(
     torch_dtype = parse_dtype(dtype)
     if quantization is not None:
         model = _load_quantized(base, torch_dtype, device, attn_implementation, quantization)
-    elif str(base) in BASE_PRESETS:
+    elif is_preset(base):
         model = build_base_model(base_config(str(base)), device=device, dtype=torch_dtype)
     elif is_meta_checkpoint(base):
         config, state = load_meta_checkpoint(base)
@@ -136,7 +136,7 @@ def _load_quantized(
     """transformers quantizes the linear layers while it loads them, straight onto `device`."""
     check_quantization(quantization, device, "quantization")
     options = {"quantization_config": bitsandbytes_config(quantization), "device_map": {"": torch.device(device)}}
-    if str(base) in BASE_PRESETS:  # random weights (tests, benchmarks), quantized through a folder like real ones
+    if is_preset(base):  # random weights (tests, benchmarks), quantized through a folder like real ones
         with tempfile.TemporaryDirectory() as folder:
             build_base_model(base_config(str(base))).save_pretrained(folder)
             model = _from_folder(folder, dtype, attn_implementation, **options)

@@ -8,6 +8,7 @@ on the meta device when only parameter counts are wanted.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import transformers
@@ -238,6 +239,12 @@ MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
 }
+
+
+def is_preset(base: str | Path | None) -> bool:
+    """Whether `base` names a preset. A folder of that name wins, as a local folder wins over a hub id in
+    transformers: `./llama-7b` holding downloaded weights must not become the preset's random ones."""
+    return base is not None and str(base) in BASE_PRESETS and not Path(base).exists()
 
 
 def base_config(name: str) -> PretrainedConfig:

@@ -17,7 +17,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from mmadapter.adapters.backbones.loading import read_base_config
-from mmadapter.adapters.backbones.presets import BASE_PRESETS, build_base_model, model_class_for
+from mmadapter.adapters.backbones.presets import build_base_model, is_preset, model_class_for
 from mmadapter.adapters.io.checkpoint import (
     CONFIG_FILE,
     check_base_matches,
@@ -85,7 +85,7 @@ def base_config_from_shape(shape: dict[str, Any], source: str) -> PretrainedConf
 def _claimed_base_config(base: dict[str, Any]) -> PretrainedConfig | None:
     """The config of the base the folder names, when that name can be read offline (preset or local folder)."""
     name = str(base.get("name_or_path") or "")
-    if name in BASE_PRESETS or (name and (Path(name) / "config.json").is_file()):
+    if is_preset(name) or (name and (Path(name) / "config.json").is_file()):
         return read_base_config(name)
     return None
 

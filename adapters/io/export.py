@@ -37,7 +37,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer, parse_dtype, read_base_config
-from mmadapter.adapters.backbones.presets import BASE_PRESETS, build_base_model, model_class_for
+from mmadapter.adapters.backbones.presets import build_base_model, is_preset, model_class_for
 from mmadapter.adapters.io.adapter_folder import AdapterFolder, inspect_adapter_folder
 from mmadapter.adapters.io.checkpoint import CONFIG_FILE, check_base_matches, load_adapter
 from mmadapter.adapters.io.exported_model import (
@@ -250,7 +250,7 @@ def export_model(
     output = Path(output)
     check_output(output, force=force, keep=(plan.base, plan.adapter.path, *([tokenizer] if tokenizer else [])))
     tokenizer_source = tokenizer or plan.base
-    if str(tokenizer_source) in BASE_PRESETS:
+    if is_preset(tokenizer_source):
         raise ValueError(f"base {plan.base!r} is a preset without a tokenizer; pass a tokenizer folder (--tokenizer)")
     tokenizer_object = load_tokenizer(tokenizer_source)
     document = plan.adapter.document

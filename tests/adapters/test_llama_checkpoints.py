@@ -97,6 +97,22 @@ def test_hf_folder_loads_in_half_precision(tiny_llama, tmp_path):
         assert model.dtype == dtype and not any(p.requires_grad for p in model.parameters())
 
 
+def test_a_folder_named_like_a_preset_is_the_folder(tiny_llama, tmp_path, monkeypatch):
+    """`./llama-7b` holding downloaded weights must load them, not the preset's random ones (or 7B of them)."""
+    saved = tiny_llama()
+    saved.save_pretrained(tmp_path / "llama-7b")
+    monkeypatch.chdir(tmp_path)
+    from mmadapter.adapters.backbones.loading import read_base_config
+
+    assert read_base_config("llama-7b").hidden_size == saved.config.hidden_size != 4096
+    loaded = load_base_model("llama-7b")
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), saved.state_dict().values(), strict=True)
+    )
+    monkeypatch.chdir(tmp_path / "llama-7b")  # elsewhere the name is the preset again
+    assert read_base_config("llama-7b").hidden_size == 4096
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a preset"):
         load_base_model(tmp_path / "nowhere")
