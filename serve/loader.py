@@ -22,7 +22,7 @@ from mmadapter.adapters.backbones.chatglm.chat import CHAT_DEFAULTS
 from mmadapter.adapters.backbones.loading import load_base_model, load_tokenizer
 from mmadapter.adapters.backbones.presets import is_preset
 from mmadapter.adapters.backbones.quantization import set_cpu_4bit_repacking
-from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config
+from mmadapter.adapters.io.checkpoint import load_adapter, read_adapter_config, recorded_base
 from mmadapter.adapters.io.hub import download_adapter
 from mmadapter.adapters.methods.base import get_method
 from mmadapter.adapters.methods.llama_adapter_v2 import takes_images, visual_prompter_of
@@ -186,7 +186,7 @@ class ServedModel:
 
 
 def load_served_model(
-    base: str | Path,
+    base: str | Path | None,
     adapter: str | Path | None = None,
     *,
     tokenizer: str | Path | None = None,
@@ -201,17 +201,25 @@ def load_served_model(
 ) -> ServedModel:
     """Load BASE (+ the adapter in ADAPTER, a folder or a hub repo id) ready to serve.
 
-    `tokenizer` defaults to the base folder (presets have none: pass one). `dtype` defaults to
+    `base` None: the base (and tokenizer) the adapter folder records it trained with. `tokenizer` defaults to
+    the base folder (presets have none: pass one). `dtype` defaults to
     bfloat16 on CUDA and float32 on CPU; `device` to CUDA when available. The template defaults
     to the adapter's recorded one (`adapter_template`), then to the base model's official one.
     """
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    folder = None if adapter is None else download_adapter(adapter, revision)
+    if base is None:
+        if folder is None:
+            raise ValueError("base: give the base model (a folder or a preset); there is no adapter to read it from")
+        base, recorded_tokenizer = recorded_base(folder)
+        if base is None:
+            raise ValueError(f"{adapter}: the adapter records no base model; pass the base folder or preset")
+        tokenizer = tokenizer or recorded_tokenizer
     tokenizer_source = tokenizer or base
     if is_preset(tokenizer_source):
         raise ValueError(f"base {base!r} is a preset without a tokenizer; pass a tokenizer folder (--tokenizer)")
-    folder = None if adapter is None else download_adapter(adapter, revision)
     # A broken adapter config fails here, before the base loads for minutes.
     document = {} if folder is None else read_adapter_config(folder)
     model = load_base_model(base, dtype=dtype, device=device, quantization=quantization)

@@ -118,7 +118,7 @@ def check_base_matches(saved: dict[str, Any], model: nn.Module, source: str) -> 
     """Raise a ValueError naming every shape field where `model` differs from the saved base."""
     current = base_fingerprint(model)["shape"]
     differences = [
-        f"{field}: adapter expects {value}, base has {current.get(field)}"
+        f"{field}: adapter expects {value}, base has {current[field] if field in current else 'none set'}"
         for field, value in saved.get("shape", {}).items()
         if current.get(field) != value
     ]

@@ -41,7 +41,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def adapted_layer_indices(num_layers: int, adapted_layers: int) -> range:
     """Top-L layers: for N = 32, L = 30 these are blocks 2 … 31, prompt i going to block N - L + i."""
     if adapted_layers > num_layers:
-        raise ValueError(f"adapted_layers={adapted_layers} but the base model has only {num_layers} layers")
+        raise ValueError(
+            f"adapted_layers={adapted_layers} but the base model has only {num_layers} layers; "
+            f"set adapted_layers between 1 and {num_layers} (the official recipes adapt the top 30 of LLaMA-7B's 32)"
+        )
     return range(num_layers - adapted_layers, num_layers)
 
 

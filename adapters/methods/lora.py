@@ -19,6 +19,7 @@ import pydantic
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
+from peft.utils import NoMatchingPeftModuleError
 from torch import nn
 
 from mmadapter.adapters.backbones.quantization import is_quantized_linear
@@ -67,6 +68,8 @@ class LoraMethodConfig(AdapterConfig):
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"lora: r must be at least 1, got {self.r}")
+        if self.alpha <= 0:  # the update is scaled by alpha / r: at 0 every gradient is 0 and nothing trains
+            raise ValueError(f"lora: alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora: dropout must be in [0, 1), got {self.dropout}")
         if self.target_modules is not None:
@@ -125,7 +128,14 @@ class Lora(AdapterMethod):
 
     @classmethod
     def attach(cls, model: nn.Module, config: LoraMethodConfig) -> None:
-        inject_adapter_in_model(peft_lora_config(model, config), model, adapter_name=ADAPTER_NAME)
+        try:
+            inject_adapter_in_model(peft_lora_config(model, config), model, adapter_name=ADAPTER_NAME)
+        except NoMatchingPeftModuleError as error:
+            linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(
+                f"lora: target_modules {target_modules_for(model, config)} match no layer of this model; "
+                f"its linear layers are named {', '.join(linears)}"
+            ) from error
         # As get_peft_model does by default: fp32 LoRA weights on a fp16/bf16 base, so optimiser updates are not
         # rounded away; peft casts activations to and fro in the forward.
         cast_adapter_dtype(model, ADAPTER_NAME)

@@ -160,6 +160,14 @@ def test_loading_onto_another_base_names_the_dimension(tiny_llama, tmp_path):
     save_adapter(attach_v1(tiny_llama(gqa=True)), tmp_path / "adapter")
     with pytest.raises(ValueError, match="num_key_value_heads: adapter expects 2, base has 4"):
         load_adapter(tiny_llama(gqa=False), tmp_path / "adapter")
+    # A field the other base's config does not set (Qwen3 sets head_dim, Qwen2 derives it): said so, not "None".
+    from mmadapter.adapters.backbones.presets import base_config, build_base_model
+
+    qwen3 = build_base_model(base_config("tiny-qwen3"))
+    attach_adapter(qwen3, make_config("llama-adapter-v1", adapted_layers=2, prompt_length=2))
+    save_adapter(qwen3, tmp_path / "qwen3")
+    with pytest.raises(ValueError, match=r"head_dim: adapter expects \d+, base has none set"):
+        load_adapter(build_base_model(base_config("tiny-qwen2")), tmp_path / "qwen3")
 
 
 def test_config_rejects_unknown_and_invalid_fields():

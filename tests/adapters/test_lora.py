@@ -69,6 +69,15 @@ def test_config_validation():
         make_config("lora", target_modules="q_proj")
     with pytest.raises(ValueError, match="unknown lora config field"):
         make_config("lora", rank=4)
+    with pytest.raises(ValueError, match="alpha must be positive, got 0"):  # alpha / r = 0: nothing would train
+        make_config("lora", alpha=0)
+
+
+def test_targets_that_match_nothing_name_the_models_linear_layers(tiny_llama):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"\['qproj'\] match no layer .* named .*q_proj.*v_proj") as error:
+        attach_adapter(model, make_config("lora", target_modules=["qproj"]))
+    assert "lm_head" in str(error.value) and not any("lora" in name for name, _ in model.named_modules())
 
 
 def test_only_lora_weights_change_after_training_steps(tiny_llama):

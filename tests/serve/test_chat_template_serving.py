@@ -86,6 +86,22 @@ def test_the_base_id_beside_adapters_is_asked_with_the_default_adapters_template
     assert end_of_turn in served.variant(BASE_MODEL_ID).defaults.stop_token_ids
 
 
+def test_without_a_base_the_recorded_one_is_loaded(tiny_llama, tmp_path):
+    """As `mmadapter chat`/`serve` without --base: the Python API reads the base the adapter recorded."""
+    from mmadapter.adapters import load_base_model
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    build_chat_tokenizer(LLAMA3_TEMPLATE).save_pretrained(base)
+    model = load_base_model(base)
+    attach_adapter(model, make_config("llama-adapter-v1", adapted_layers=2, prompt_length=3))
+    folder = save_adapter(model, tmp_path / "adapter", prompt_template="chat", chat_template=LLAMA3_TEMPLATE)
+    served = load_served_model(None, folder, device="cpu")
+    assert served.model.config.name_or_path == str(base) and served.template.source == LLAMA3_TEMPLATE
+    with pytest.raises(ValueError, match="base: give the base model .* no adapter to read it from"):
+        load_served_model(None)
+
+
 def test_folders_without_a_record_and_bare_bases_keep_the_official_template(v1_base, tiny_llama, tmp_path):
     base = tmp_path / "base"
     tiny_llama().save_pretrained(base)
