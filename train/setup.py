@@ -171,6 +171,8 @@ def build_model(recipe: Recipe, model: nn.Module | None, tokenizer: Any) -> tupl
     """The base model with the recipe's adapter attached (or `init_from`'s weights), and its tokenizer
     (paths checked by `check_input_paths`)."""
     section = recipe.model
+    # The adapter's options are checked before the base loads (minutes for a 7B); the fit to the base after.
+    config = _adapter_config(recipe) if getattr(model, "adapter_config", None) is None else None
     if tokenizer is None:
         tokenizer = load_tokenizer(section.tokenizer or section.base)
     if model is None:
@@ -185,11 +187,7 @@ def build_model(recipe: Recipe, model: nn.Module | None, tokenizer: Any) -> tupl
             attn_implementation=section.attn_implementation,
             quantization=section.quantization,
         )
-    if getattr(model, "adapter_config", None) is None:
-        try:
-            config = make_config(recipe.adapter.method, recipe.adapter.preset, **recipe.adapter.options)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"adapter: {error}") from error
+    if config is not None:
         attach_adapter(model, config)
         if recipe.adapter.init_from:
             load_adapter_weights(model, recipe.adapter.init_from)
@@ -198,6 +196,13 @@ def build_model(recipe: Recipe, model: nn.Module | None, tokenizer: Any) -> tupl
             f"adapter.method is {recipe.adapter.method!r} but the given model carries {adapter_config_of(model).method!r}"
         )
     return model, tokenizer
+
+
+def _adapter_config(recipe: Recipe) -> Any:
+    try:
+        return make_config(recipe.adapter.method, recipe.adapter.preset, **recipe.adapter.options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"adapter: {error}") from error
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -80,6 +80,21 @@ def test_a_missing_eval_file_and_a_preset_without_tokenizer(capsys, make_recipe,
     )
 
 
+def test_a_misspelled_adapter_option_stops_the_run_before_the_base_loads(capsys, make_recipe, tmp_path, monkeypatch):
+    import mmadapter.train.setup as setup
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base loaded before the adapter's options were checked")
+
+    monkeypatch.setattr(setup, "load_base_model", refuse)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(parsed=False)))
+    error = error_of([str(recipe), "--set", "adapter.options.prompt_lenght=3"], capsys)
+    assert (
+        error.startswith("error: adapter: prompt_lenght: unknown llama-adapter-v1 config field") and "known: " in error
+    )
+
+
 def test_load_tokenizer_names_a_missing_folder():
     with pytest.raises(FileNotFoundError, match=r"^/nonexistent/tok: no such tokenizer folder$"):
         load_tokenizer("/nonexistent/tok")
