@@ -215,6 +215,8 @@ def _load(args: argparse.Namespace):
             adapter_overrides=overrides,
             revision=args.revision,
         )
+    if args.template is None:
+        _note_unrecorded_templates(adapters, served, routed)
     changes = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -225,6 +227,22 @@ def _load(args: argparse.Namespace):
     }
     served.update_defaults(**{k: v for k, v in changes.items() if v is not None})
     return served
+
+
+def _note_unrecorded_templates(adapters: dict[str, str], served, routed: bool) -> None:
+    """An adapter folder saved without its template (`save_adapter(model, dir)`) is asked with the family's
+    official one; say so, since a model trained on a chat template would be asked the wrong way."""
+    from mmadapter.adapters.io.checkpoint import read_adapter_config
+
+    for name, source in adapters.items():
+        if os.path.isdir(source) and read_adapter_config(source).get("prompt_template") is None:
+            template = (served.variant(name) if routed else served).template
+            print(
+                f"note: {source} records no prompt template; asking it with {template.name!r} "
+                "(--template chat for the tokenizer's chat template)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def run_chat(args: argparse.Namespace) -> int:

@@ -67,9 +67,16 @@ def test_chat_command_end_to_end(tiny_llama, tiny_tokenizer, v1_model, tmp_path,
         main(["chat", "--base", str(base), "--adapter", str(adapter), "--temperature", "0", "--max-new-tokens", "4"])
         == 0
     )
-    out = capsys.readouterr().out
-    assert "chatting with v1 (llama-adapter-v1; template alpaca; images: no)" in out and "assistant> " in out
+    captured = capsys.readouterr()
+    assert "chatting with v1 (llama-adapter-v1; template alpaca; images: no)" in captured.out
+    assert "assistant> " in captured.out and "records no prompt template" not in captured.err
     assert main(["chat", "--base", str(base), "--image", str(RED)]) == 2
+
+    # Saved without its template (`save_adapter(model, dir)`): asked with the official one, and told so.
+    unrecorded = save_adapter(v1_model, tmp_path / "unrecorded")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what shape\n"))
+    assert main(["chat", "--base", str(base), "--adapter", str(unrecorded), "--max-new-tokens", "2"]) == 0
+    assert f"note: {unrecorded} records no prompt template; asking it with 'alpaca'" in capsys.readouterr().err
 
 
 def _get(url: str, key: str | None = None) -> int:
