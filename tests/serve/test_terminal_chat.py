@@ -43,6 +43,7 @@ def test_chat_keeps_history_survives_bad_images_and_resets(served_v2, tmp_path):
     assert f"error: {tmp_path / 'missing.png'}: file not found" in text
     assert f"error: {not_an_image}: not a supported image" in text
     assert "image attached" in text and "conversation reset" in text and "unknown command /bogus" in text
+    assert "you> what shape\nassistant> " in text  # piped input is echoed: the transcript reads as a chat
     assert chat.history == [("hi", answer(served_v2, "hi"))] and chat.image is None
 
 
