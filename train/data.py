@@ -99,6 +99,20 @@ class Sample:
     """Index into the dataset's `kinds`: which adapter stage's parameters this sample updates."""
 
 
+def supervised_view(tokenizer: Any, sample: Sample, max_chars: int = 1200) -> str:
+    """The sample's text as the model reads it (special tokens included) with the trained tokens in [[ ]]: the
+    one look that shows the template and that the loss falls on answers only."""
+    pieces, start = [], 0
+    for end in range(1, len(sample.input_ids) + 1):
+        trained = sample.labels[start] != IGNORE_INDEX
+        if end == len(sample.input_ids) or (sample.labels[end] != IGNORE_INDEX) != trained:
+            text = tokenizer.decode(sample.input_ids[start:end], skip_special_tokens=False)
+            pieces.append(f"[[{text}]]" if trained else text)
+            start = end
+    text = "".join(pieces)
+    return text if len(text) <= max_chars else f"{text[: max_chars // 2]} … {text[-max_chars // 2 :]}"
+
+
 class BadSampleLog:
     """Counts bad samples, applies the skip/fail policy, and says what was skipped."""
 

@@ -41,6 +41,7 @@ from mmadapter.train.data import (
     check_token_ids,
     load_samples,
     sample_kinds,
+    supervised_view,
 )
 from mmadapter.train.loss import TokenLoss
 from mmadapter.train.multimodal import image_loader_for
@@ -364,6 +365,9 @@ def load_stage_data(
     if not samples:
         raise DataError(f"stage {stage.name!r}: no usable training samples ({bad.summary(limit=3)})")
     run.print(f"data: {len(samples)} training samples, {len(eval_samples)} eval samples; {bad.summary(limit=5)}")
+    run.print(
+        f"first sample ({samples[0].source}), trained tokens in [[ ]]:\n{supervised_view(run.tokenizer, samples[0])}"
+    )
     dataset = SupervisedDataset(samples, loader, seed=stage.train.seed)
     return dataset, (SupervisedDataset(eval_samples, eval_loader) if eval_samples else None), bad
 

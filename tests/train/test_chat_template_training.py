@@ -92,11 +92,16 @@ def test_auto_resolves_per_tokenizer_and_chat_needs_a_template(tmp_path, chat_to
 
 
 @pytest.mark.slow
-def test_training_with_the_chat_template_records_it_in_the_adapter_folder(tmp_path, chat_tokenizer):
+def test_training_with_the_chat_template_records_it_in_the_adapter_folder(tmp_path, chat_tokenizer, capsys):
     tokenizer_dir = tmp_path / "tokenizer"
     chat_tokenizer.save_pretrained(tokenizer_dir)
     result = train(parse_recipe(recipe_document(tmp_path, tokenizer_dir, "auto")))
     assert result.summary["steps"] == 2
+    # The log shows the first sample as the model reads it, the trained tokens (the reply + end of turn) in [[ ]].
+    log = capsys.readouterr().out
+    assert "first sample (" in log and "trained tokens in [[ ]]" in log
+    assert "what colour is the circle<|eot_id|>" in log and "[[red<|eot_id|>]]" in log and "[[what" not in log
+    assert "user<|end_header_id|>" in log  # the template's own markup, special tokens included
     document = json.loads((result.adapter_dir / "mmadapter_config.json").read_text())
     assert document["prompt_template"] == "chat" and document["chat_template"] == LLAMA3_TEMPLATE
     assert document["training"]["stages"][0]["data"]["template"] == "chat"  # the resolved recipe says what ran
