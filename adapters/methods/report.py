@@ -46,7 +46,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"method      {report['method']}" + (f" (stage: {report['stage']})" if report.get("stage") else ""),
         f"total       {report['total_params']:>15,}",
-        f"trainable   {report['trainable_params']:>15,}  ({100 * report['trainable_fraction']:.4f}%)",
+        f"trainable   {report['trainable_params']:>15,}  ({100 * report['trainable_fraction']:.4f}% of the total)",
     ]
     if report["groups"]:
         lines.append("trainable groups:")
