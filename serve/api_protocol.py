@@ -4,14 +4,16 @@ uvicorn closes idle keep-alive connections (`timeout_keep_alive`) but lets a cli
 byte at a time hold a connection for as long as it likes (slowloris); `limit_concurrency` answers 503 per request
 but still accepts every connection. Here a connection must deliver each request's complete headers within
 `header_timeout` seconds of opening or of the previous response (else 408 and closed), and a connection beyond
-`max_connections` gets a 503 and is closed at once. The check reads h11's public connection state (the client's
+`max_connections` gets a 503 and is closed. The check reads h11's public connection state (the client's
 side is still `IDLE` until its headers are complete).
 
 Every close the server starts is a lingering close (as nginx's `lingering_close`): the answer is followed by a
 FIN, not a bare close, and what the client still sends is read and dropped until it has been silent for
 `LINGER_IDLE_SECONDS`, at most `LINGER_MAX_SECONDS` in all (nginx's `lingering_timeout` and `lingering_time`).
 A plain close with unread request bytes makes the kernel answer with a reset that can destroy the 408/413 the
-client has not read yet; a client cut off mid-body would see "connection reset" instead of the reason.
+client has not read yet; a client cut off mid-body would see "connection reset" instead of the reason. The
+answer needs only to reach the client's kernel, so the bound is short: a slow client keeps its slot seconds,
+not the half minute of nginx's default.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 LINGER_IDLE_SECONDS = 2.0
-LINGER_MAX_SECONDS = 30.0
+LINGER_MAX_SECONDS = 5.0
 
 
 def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
@@ -65,6 +67,12 @@ class LingeringTransport:
         self.transport.resume_reading()
         self.client_was_heard()
 
+    def forget(self) -> None:
+        """The connection is gone: nothing left to close."""
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+
     def client_was_heard(self) -> None:
         """While lingering: the client sent more, so wait for its silence again (within the overall limit)."""
         if self._linger_timer is not None:
@@ -99,9 +107,10 @@ class GuardedH11Protocol(H11Protocol):
     def shutdown(self) -> None:
         """The server is stopping: close at once, lingering included (it would hold the shutdown up)."""
         self.transport.may_linger = False
-        super().shutdown()
-        if self.transport.lingering:
+        if self.transport.lingering:  # its answer is sent; uvicorn's shutdown would answer it again
             self.transport.close()
+            return
+        super().shutdown()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -110,6 +119,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_deadline()
+        self.transport.forget()
         super().connection_lost(exc)
 
     def _arm_header_deadline(self) -> None:

@@ -57,6 +57,7 @@ class APIServer:
             self.app,
             http=protocol,  # type: ignore[arg-type]  # a protocol factory, as uvicorn calls it
             lifespan="off",
+            ws="none",  # the API has no websocket routes; an upgrade request is plain HTTP to it
             log_config=None,  # the application's logging setup stays as it is
             access_log=False,  # api_guards.AccessLog logs requests, with query values redacted
             server_header=False,

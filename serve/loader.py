@@ -209,17 +209,19 @@ def load_served_model(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    if base is not None:
+        _check_tokenizer_source(base, tokenizer)
     folder = None if adapter is None else download_adapter(adapter, revision)
     if base is None:
         if folder is None:
             raise ValueError("base: give the base model (a folder or a preset); there is no adapter to read it from")
         base, recorded_tokenizer = recorded_base(folder)
-        if base is None:
-            raise ValueError(f"{adapter}: the adapter records no base model; pass the base folder or preset")
+        if base is None or not (is_preset(base) or Path(base).exists()):
+            raise ValueError(
+                f"{adapter}: the adapter records base {base!r}, which is not here; pass the base folder or preset"
+            )
         tokenizer = tokenizer or recorded_tokenizer
-    tokenizer_source = tokenizer or base
-    if is_preset(tokenizer_source):
-        raise ValueError(f"base {base!r} is a preset without a tokenizer; pass a tokenizer folder (--tokenizer)")
+        _check_tokenizer_source(base, tokenizer)
     # A broken adapter config fails here, before the base loads for minutes.
     document = {} if folder is None else read_adapter_config(folder)
     model = load_base_model(base, dtype=dtype, device=device, quantization=quantization)
@@ -234,11 +236,16 @@ def load_served_model(
     served_name = name or (source.name if source.exists() else str(source))  # folder name, or preset / repo id
     return ServedModel.from_model(
         model,
-        load_tokenizer(tokenizer_source),
+        load_tokenizer(tokenizer or base),
         template=template or document.get("prompt_template"),
         name=served_name,
         chat_template=document.get("chat_template"),
     )
+
+
+def _check_tokenizer_source(base: str | Path, tokenizer: str | Path | None) -> None:
+    if is_preset(tokenizer or base):
+        raise ValueError(f"base {base!r} is a preset without a tokenizer; pass a tokenizer folder (--tokenizer)")
 
 
 def adapter_template(
@@ -280,9 +287,8 @@ def load_served_models(
         raise ValueError(f"--adapter: the name {BASE_MODEL_ID!r} is the base model's; choose another name")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    _check_tokenizer_source(base, tokenizer)
     tokenizer_source = tokenizer or base
-    if is_preset(tokenizer_source):
-        raise ValueError(f"base {base!r} is a preset without a tokenizer; pass a tokenizer folder (--tokenizer)")
     folders = {name: download_adapter(source, revision) for name, source in adapters.items()}
     # Broken adapter configs fail here, before the base loads for minutes.
     documents = {name: read_adapter_config(folder) for name, folder in folders.items()}
@@ -314,7 +320,7 @@ def load_served_models(
     loaded_tokenizer = load_tokenizer(tokenizer_source)
     model_type = model.config.model_type
     # The `base` id is asked as the default adapter is, so comparing the two compares the same prompt.
-    default = documents[next(iter(adapters))]
+    default = documents[next(iter(adapters))] if adapters else {}
     served = ServedModel.from_model(
         model,
         loaded_tokenizer,

@@ -123,7 +123,7 @@ class TerminalChat:
             if not line:  # end of input (Ctrl-D)
                 self.say("")
                 return 0
-            if not self.input.isatty():  # piped: no terminal echoed the line, so the transcript shows it here
-                self.say(line.rstrip("\n"))
+            if not getattr(self.input, "isatty", lambda: False)():  # piped: no terminal echoed it; show it here
+                self.say(line.rstrip("\r\n"))
             if not self.handle(line):
                 return 0

@@ -244,7 +244,7 @@ MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
 def is_preset(base: str | Path | None) -> bool:
     """Whether `base` names a preset. A folder of that name wins, as a local folder wins over a hub id in
     transformers: `./llama-7b` holding downloaded weights must not become the preset's random ones."""
-    return base is not None and str(base) in BASE_PRESETS and not Path(base).exists()
+    return base is not None and str(base) in BASE_PRESETS and not Path(base).is_dir()
 
 
 def base_config(name: str) -> PretrainedConfig:

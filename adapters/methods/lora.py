@@ -68,7 +68,7 @@ class LoraMethodConfig(AdapterConfig):
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"lora: r must be at least 1, got {self.r}")
-        if self.alpha <= 0:  # the update is scaled by alpha / r: at 0 every gradient is 0 and nothing trains
+        if not self.alpha > 0:  # the update is scaled by alpha / r: at 0 every gradient is 0 and nothing trains
             raise ValueError(f"lora: alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora: dropout must be in [0, 1), got {self.dropout}")

@@ -78,6 +78,7 @@ def test_the_base_id_beside_adapters_is_asked_with_the_default_adapters_template
     build_chat_tokenizer(CHATML_TEMPLATE).save_pretrained(base)
     folder = save_adapter(v1_base, tmp_path / "adapter", prompt_template="chat", chat_template=LLAMA3_TEMPLATE)
     served = load_served_models(base, {"chat": folder}, device="cpu")
+    assert list(load_served_models(base, {}, device="cpu").variants) == [BASE_MODEL_ID]  # the base alone, too
     turn = ChatTurn(QUESTION, HISTORY)
     as_base = ChatTurn(QUESTION, HISTORY, adapter=BASE_MODEL_ID)
     assert served.variant(BASE_MODEL_ID).template.source == LLAMA3_TEMPLATE
@@ -100,6 +101,9 @@ def test_without_a_base_the_recorded_one_is_loaded(tiny_llama, tmp_path):
     assert served.model.config.name_or_path == str(base) and served.template.source == LLAMA3_TEMPLATE
     with pytest.raises(ValueError, match="base: give the base model .* no adapter to read it from"):
         load_served_model(None)
+    base.rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match=r"records base '.*base', which is not here; pass the base folder"):
+        load_served_model(None, folder, device="cpu")
 
 
 def test_folders_without_a_record_and_bare_bases_keep_the_official_template(v1_base, tiny_llama, tmp_path):
