@@ -111,6 +111,8 @@ def test_a_folder_named_like_a_preset_is_the_folder(tiny_llama, tmp_path, monkey
     )
     monkeypatch.chdir(tmp_path / "llama-7b")  # elsewhere the name is the preset again
     assert read_base_config("llama-7b").hidden_size == 4096
+    (tmp_path / "llama-7b" / "llama-7b").write_text("a file, not a model folder")  # a file does not hide it
+    assert read_base_config("llama-7b").hidden_size == 4096
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):

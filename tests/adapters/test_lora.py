@@ -71,6 +71,8 @@ def test_config_validation():
         make_config("lora", rank=4)
     with pytest.raises(ValueError, match="alpha must be positive, got 0"):  # alpha / r = 0: nothing would train
         make_config("lora", alpha=0)
+    with pytest.raises(ValueError, match="alpha must be positive, got nan"):
+        make_config("lora", alpha=float("nan"))
 
 
 def test_targets_that_match_nothing_name_the_models_linear_layers(tiny_llama):
