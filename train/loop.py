@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmadapter.adapters.backbones.presets import BASE_PRESETS, is_preset
+from mmadapter.core.examples import DataError
 from mmadapter.train.checkpointing import CHECKPOINTS, RECIPE_FILE, find_checkpoint, read_trainer_state
 from mmadapter.train.data import resolve_recipe_templates
 from mmadapter.train.loss import evaluate
@@ -115,7 +116,17 @@ def run_stage(run: Run, index: int, stage: StageSection, progress: Progress, res
     stages = run.recipe.stages
     trains = f" (trains {stage.trains})" if stage.trains else ""
     run.print(f"== stage {index + 1}/{len(stages)}: {stage.name}{trains}")
-    setup = setup_stage(run, stage, resume_state)
+    try:
+        setup = setup_stage(run, stage, resume_state)
+    except (ValueError, FileNotFoundError) as error:
+        if index == 0 or resume_state is not None:
+            raise
+        # The earlier stages are trained and checkpointed at this boundary: say how not to lose them.
+        kind = next(k for k in (DataError, FileNotFoundError, ValueError) if isinstance(error, k))
+        raise kind(
+            f"{error}; stages before {stage.name!r} are trained and kept: fix this stage's data or settings and "
+            f"continue with `mmadapter train --resume {run.output_dir}` (--set KEY=VALUE to change them)"
+        ) from error
     run_steps(run, stage, setup, progress)
 
     # The stage's adapter, summary and curve; the next stage starts from here.
@@ -124,7 +135,7 @@ def run_stage(run: Run, index: int, stage: StageSection, progress: Progress, res
     if len(stages) > 1:
         save_outputs(run, run.output_dir / STAGES_DIR / stage.name, summary, [summary], stage.data.template)
     progress.next_stage()
-    if stage.train.save_every and index + 1 < len(stages):
+    if index + 1 < len(stages):  # always: a later stage that fails (its data, its settings) resumes from here
         save_training_state(run, stage, progress, None, None)
     run.print(setup.bad.summary())
 

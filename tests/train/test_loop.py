@@ -153,6 +153,38 @@ def test_v2_staged_recipe_trains_each_stage_disjointly(caption_data, tmp_path, t
     assert summary["stage"] == "caption" and summary["parameters"]["stage"] == "caption"
 
 
+def test_a_later_stage_that_cannot_start_keeps_the_earlier_ones_for_resume(
+    caption_data, tmp_path, tokenizer_dir, capsys
+):
+    """Stage 2's data fails only when stage 2 sets up: stage 1's training is checkpointed at the boundary (even
+    without train.save_every) and the error says how to continue; --resume with the fixed data completes."""
+    from mmadapter.cli.main import main
+
+    captions, images = caption_data
+    run = tmp_path / "run"
+    overrides = {
+        "model.tokenizer": str(tokenizer_dir),
+        "output_dir": str(run),
+        "train.log_with": "none",
+        "data.max_bad_fraction": 0.2,
+        "stages.0.train.max_steps": 2,
+        "stages.1.train.max_steps": 2,
+        "stages.0.data.train.0.path": str(captions),
+        "stages.0.data.train.0.images": str(images),
+        "stages.1.data.train.0.path": str(captions),  # captions where instructions belong: every row is bad
+    }
+    flags = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    assert main(["train", "tiny-llama-adapter-v2-staged", *flags]) == 2
+    error = capsys.readouterr().err
+    assert "stages before 'instruction' are trained and kept" in error and f"--resume {run}" in error
+    assert (run / "stages/caption/adapter_model.safetensors").is_file() and not (run / "adapter").exists()
+    alpaca = write_json(tmp_path / "alpaca.json", alpaca_rows(8))
+    assert main(["train", "--resume", str(run), "--set", f"stages.1.data.train.0.path={alpaca}"]) == 0
+    assert (run / "adapter/adapter_model.safetensors").is_file()
+    summary = json.loads((run / "adapter/training_summary.json").read_text())
+    assert [stage["steps"] for stage in summary["stages"]] == [2, 2]
+
+
 @pytest.mark.parametrize("route", [BackwardPerKind, ForwardPerKind])
 def test_mixed_batch_routes_each_kinds_loss_to_its_own_parameters(route, caption_data, tmp_path, tiny_tokenizer):
     """One forward over caption and instruction samples (FSDP2's route: one per kind); each parameter set
