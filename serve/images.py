@@ -41,6 +41,10 @@ def _fetch(url: str, policy: ImagePolicy, param: str) -> bytes:
     return data
 
 
+#: What a URL scheme can look like (RFC 3986), bounded: anything else is not a URL.
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
+
+
 def load_request_image(url: str, param: str, policy: ImagePolicy) -> Image.Image:
     """The RGB image of a content part's `image_url.url`, or an APIError (400) naming `param`."""
     scheme = url.split(":", 1)[0].lower()
@@ -65,8 +69,16 @@ def load_request_image(url: str, param: str, policy: ImagePolicy) -> Image.Image
                 )
                 raise APIError(400, message, param=param, code="remote_images_disabled")
             data = _fetch(url, policy, param)
+        elif ":" not in url or not _SCHEME.fullmatch(scheme):  # bare base64, a path: never echo a payload back
+            raise invalid(
+                "not a URL; send the image as a base64 data URL (data:image/png;base64,…)",
+                param,
+                code="invalid_image_url",
+            )
         else:
-            raise invalid(f"unsupported image URL scheme {scheme!r}; send a base64 data URL", param)
+            raise invalid(
+                f"unsupported image URL scheme {scheme!r}; send a base64 data URL", param, code="invalid_image_url"
+            )
         return load_image_bytes(data, source=param, max_pixels=policy.max_pixels)
     except ImageLoadError as error:
         raise invalid(str(error), param, code="invalid_image") from error

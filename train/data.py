@@ -250,7 +250,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if image_loader is None and any(s.image is not None for s in samples):
             raise DataError(
                 "the data has images but the adapter has no visual input "
-                f"(first: {next(s.source for s in samples if s.image is not None)}); use llama-adapter-v2"
+                f"(first: {next(s.source for s in samples if s.image is not None)}); use llama-adapter-v2 with its visual projector (adapter.options.visual_projector: v2)"
             )
 
     def __len__(self) -> int:

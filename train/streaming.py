@@ -203,7 +203,7 @@ class StreamedDataset(torch.utils.data.Dataset):
             if item.image is not None and self.image_loader is None:
                 raise DataError(
                     f"the data has images but the adapter has no visual input (first: {item.source}); "
-                    "use llama-adapter-v2"
+                    "use llama-adapter-v2 with its visual projector (adapter.options.visual_projector: v2)"
                 )
             rows.append((item, source))
             if len(rows) == size:

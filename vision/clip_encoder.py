@@ -262,7 +262,7 @@ class FrozenCLIPEncoder(nn.Module):
         state = _visual_state(read_state_dict(self.weights_path), str(self.weights_path))
         if isinstance(visual, TimmModel) and not any(key.startswith("trunk.") for key in state):
             state = {f"trunk.{key}": tensor for key, tensor in state.items()}  # a timm checkpoint of the trunk alone
-        advice = "another tower's weights? name its architecture (--clip-model), or give the folder with its config"
+        advice = "another tower's weights? name its architecture (the adapter's clip_model option; convert clip-tower --clip-model), or give the folder with its config"
         check_fits(visual, state, f"{self.weights_path}: weights do not fit {self.model_name}", advice)
         visual.load_state_dict(state, strict=True, assign=True)
         return visual.to(device=device, dtype=dtype)

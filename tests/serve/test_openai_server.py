@@ -292,6 +292,21 @@ def test_remote_image_urls_work_only_when_the_operator_allows_them(served_v2, st
         files.server_close()
 
 
+def test_an_image_url_that_is_not_a_url_is_refused_without_echoing_it(served_v2, start_server):
+    """Bare base64 (no data: prefix) was echoed back, lowercased, as an 'unsupported scheme': 580 kB of error."""
+    import base64
+
+    from mmadapter.serve.web_demo import EXAMPLES_DIR
+
+    bare = base64.b64encode((EXAMPLES_DIR / "red_circle.png").read_bytes()).decode()
+    server = start_server(served_v2)
+    for url, expected in ((bare, "not a URL; send the image as a base64 data URL"), ("ftp://x/a.png", "'ftp'")):
+        payload = {"model": "tiny-v2", "messages": [{"role": "user", "content": _image_part(url)}]}
+        status, body = post_chat(server, payload)
+        assert status == 400 and expected in body["error"]["message"], body
+        assert body["error"]["code"] == "invalid_image_url" and len(json.dumps(body)) < 400
+
+
 def test_an_image_sent_again_reuses_its_visual_prompt(served_v2):
     """Clients resend the conversation's picture with every turn: CLIP runs once per picture, same prompt."""
     from mmadapter.adapters.methods.llama_adapter_v2 import ENCODER_ATTRIBUTE, visual_prompter_of
