@@ -199,6 +199,12 @@ def run_eval(args: argparse.Namespace) -> int:
             f"{Path(args.adapter)}: loss {result['eval_loss']:.4f}, perplexity {result['eval_perplexity']:.3f} "
             f"over {result['eval_tokens']:,} response tokens of {result['samples']} samples"
         )
+        if result["bad_samples"]:  # rows left out change the score: never silently
+            print(result["bad_summary"].replace("skipped", "left out", 1), file=sys.stderr)
+            print(
+                "  (relative image paths are looked up under --images, by default beside the data file)",
+                file=sys.stderr,
+            )
         for name, value in result.get("generation", {}).items():
             if isinstance(value, float):
                 print(f"  {name:<8} {value:.2f}")

@@ -111,7 +111,9 @@ def loss_and_perplexity(model, tokenizer, sources: list[DataSource], data: DataS
     processes = PartialState(cpu=not has_accelerator_device())  # evaluating needs no Accelerator
     collate = Collator(pad_token_id=pad_token_id(tokenizer))
     result = evaluate(processes, TokenLoss(model).to(processes.device), dataset, collate, batch_size)
-    return {**result, "samples": len(dataset), "bad_samples": len(bad.samples) + len(unreadable)}
+    for sample in unreadable:
+        bad.add(sample)
+    return {**result, "samples": len(dataset), "bad_samples": len(bad.samples), "bad_summary": bad.summary(limit=3)}
 
 
 def _prompt_and_reference(

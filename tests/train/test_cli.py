@@ -60,6 +60,16 @@ def test_train_then_eval_the_builtin_tiny_recipe(tmp_path, tokenizer_dir, capsys
     generation = result["generation"]
     assert generation["generated"] == 8 and {"rouge-1", "rouge-2", "rouge-l", "bleu-4"} <= set(generation)
 
+    # Rows left out (here one without its output) are said in the text report, not only counted in --json.
+    rows = json.loads(data.read_text())[:3]
+    del rows[1]["output"]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(rows))
+    assert main(["eval", str(adapter), "--data", str(partial)]) == 0
+    captured = capsys.readouterr()
+    assert "of 2 samples" in captured.out and "left out 1 bad sample(s):" in captured.err
+    assert "partial.json[1]" in captured.err
+
 
 def test_cli_errors_name_what_is_wrong(tmp_path, capsys, make_recipe):
     recipe = tmp_path / "bad.yaml"
