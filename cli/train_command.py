@@ -80,6 +80,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(run=run_eval)
 
 
+def _after_interrupt(output_dir: Path) -> str:
+    """What Ctrl-C leaves: the checkpoint `--resume` continues from, or that there is none."""
+    from mmadapter.train.checkpointing import find_checkpoint
+
+    try:
+        checkpoint = find_checkpoint(output_dir).checkpoint
+    except (ValueError, FileNotFoundError):
+        return (
+            f"note: {output_dir} has no checkpoint yet, so this run cannot be resumed; set train.save_every "
+            "to keep progress"
+        )
+    return f"note: continue with `mmadapter train --resume {output_dir}` (from {checkpoint.name})"
+
+
 def run_train(args: argparse.Namespace) -> int:
     # Imported on use, not at the top: the command line starts without loading what other commands need.
     from mmadapter.train.recipe import builtin_recipes, load_recipe, recipe_schema
@@ -130,6 +144,9 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingStopped as error:  # the data or the settings (a non-finite loss, too many bad samples)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_after_interrupt(Path(recipe.output_dir)), file=sys.stderr)
+        raise
     finally:
         PartialState().destroy_process_group()  # a no-op in a single process
     summary = {k: v for k, v in result.summary.items() if k != "stages"}

@@ -14,8 +14,12 @@ from mmadapter.cli.main import main
 from tests.helpers.train_data import alpaca_rows, write_json
 
 
+def _interrupted(*args, **kwargs):
+    raise KeyboardInterrupt  # Ctrl-C while training
+
+
 @pytest.mark.slow
-def test_train_then_eval_the_builtin_tiny_recipe(tmp_path, tokenizer_dir, capsys):
+def test_train_then_eval_the_builtin_tiny_recipe(tmp_path, tokenizer_dir, capsys, monkeypatch):
     data = write_json(tmp_path / "alpaca.json", alpaca_rows(16))
     run = tmp_path / "run"
     args = [
@@ -51,6 +55,10 @@ def test_train_then_eval_the_builtin_tiny_recipe(tmp_path, tokenizer_dir, capsys
     assert yaml.safe_load((run / "recipe.yaml").read_text())["stages"][0]["data"]["train"][0]["path"] == str(data)
     assert (run / "checkpoints/ckpt-0000002/recipe.yaml").is_file()  # the last step saves the adapter instead
     capsys.readouterr()
+    with monkeypatch.context() as patched:  # Ctrl-C on a resumed run names the checkpoint it continues from
+        patched.setattr("mmadapter.train.loop.train", _interrupted)
+        assert main(["train", "--resume", str(run)]) == 130
+    assert f"continue with `mmadapter train --resume {run}` (from ckpt-0000002)" in capsys.readouterr().err
 
     # The eval command on the eight samples the run evaluated on gives the run's own final eval loss.
     assert main(["eval", str(adapter), "--data", str(data), "--limit", "8", "--generate", "--greedy", "--json"]) == 0
@@ -69,6 +77,14 @@ def test_train_then_eval_the_builtin_tiny_recipe(tmp_path, tokenizer_dir, capsys
     captured = capsys.readouterr()
     assert "of 2 samples" in captured.out and "left out 1 bad sample(s):" in captured.err
     assert "partial.json[1]" in captured.err
+
+
+def test_ctrl_c_says_whether_and_how_the_run_resumes(tmp_path, capsys, make_recipe, monkeypatch):
+    monkeypatch.setattr("mmadapter.train.loop.train", _interrupted)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(parsed=False)))
+    assert main(["train", str(recipe), "--set", f"output_dir={tmp_path / 'run'}"]) == 130
+    assert "has no checkpoint yet, so this run cannot be resumed; set train.save_every" in capsys.readouterr().err
 
 
 def test_cli_errors_name_what_is_wrong(tmp_path, capsys, make_recipe):
