@@ -38,6 +38,7 @@ from mmadapter.train.multimodal import image_loader_for, model_inputs
 from mmadapter.train.readers import read_examples
 from mmadapter.train.recipe import DataSection, DataSource, parse_recipe
 from mmadapter.train.setup import has_accelerator_device, pad_token_id
+from mmadapter.vision.images import ImageLoadError
 
 #: Official sampling settings of the ChatGLM P-Tuning v2 evaluation.
 OFFICIAL_SAMPLING = {"do_sample": True, "top_p": 0.7, "temperature": 0.95}
@@ -146,7 +147,7 @@ def generation_scores(
     any other adapter, image samples are left out."""
 
     torch.manual_seed(seed)
-    predictions, references = [], []
+    predictions, references, unreadable = [], [], 0
     device = next(model.parameters()).device
     sampling = {"do_sample": False} if greedy else OFFICIAL_SAMPLING
     template = data_template(data, tokenizer)
@@ -170,7 +171,11 @@ def generation_scores(
                 continue
             prompt, reference = _prompt_and_reference(example, tokenizer, data, source, template)
             ids = torch.tensor([prompt], device=device)
-            pixels = {} if example.image is None else load_pixels(example.image)
+            try:
+                pixels = {} if example.image is None else load_pixels(example.image)
+            except ImageLoadError:  # left out, as the loss pass leaves it out (and reports it)
+                unreadable += 1
+                continue
             image = {name: value[None].to(device) for name, value in pixels.items()}
             output = model.generate(
                 **model_inputs(model, ids, torch.ones_like(ids), image),
@@ -183,4 +188,5 @@ def generation_scores(
             references.append(reference)
     if not predictions:
         raise ValueError("no samples to generate answers for (image samples need an adapter that takes images)")
-    return {**corpus_scores(predictions, references), "generated": len(predictions), "sampling": sampling}
+    scores = corpus_scores(predictions, references)
+    return {**scores, "generated": len(predictions), "unreadable_images": unreadable, "sampling": sampling}

@@ -49,3 +49,10 @@ def test_generated_answers_see_each_sample_s_own_image(make_recipe, tiny_tokeniz
     assert result["generated"] == 3 and len(seen) == 3
     assert all(torch.equal(got, want) for got, want in zip(seen, expected, strict=True))
     assert not torch.allclose(expected[0], expected[1])  # the two pictures give different prompts
+
+    # A picture whose header reads but whose pixels do not decode is left out; the others are still scored.
+    (tmp_path / "cut.png").write_bytes((tmp_path / "1.png").read_bytes()[:60])
+    rows.append({"image": "cut.png", "caption": "a picture"})
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = generation_scores(model, tiny_tokenizer, sources, data, max_new_tokens=2, greedy=True)
+    assert result["generated"] == 3 and result["unreadable_images"] == 1
