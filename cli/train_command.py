@@ -217,7 +217,7 @@ def run_eval(args: argparse.Namespace) -> int:
             f"over {result['eval_tokens']:,} response tokens of {result['samples']} samples"
         )
         if result["bad_samples"]:  # rows left out change the score: never silently
-            print(result["bad_summary"].replace("skipped", "left out", 1), file=sys.stderr)
+            print(result["bad_summary"], file=sys.stderr)
             print(
                 "  (relative image paths are looked up under --images, by default beside the data file)",
                 file=sys.stderr,

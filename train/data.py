@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,15 +103,21 @@ class Sample:
 def supervised_view(tokenizer: Any, sample: Sample, max_chars: int = 1200) -> str:
     """The sample's text as the model reads it (special tokens included) with the trained tokens in [[ ]]: the
     one look that shows the template and that the loss falls on answers only."""
-    pieces, start = [], 0
-    for end in range(1, len(sample.input_ids) + 1):
-        trained = sample.labels[start] != IGNORE_INDEX
-        if end == len(sample.input_ids) or (sample.labels[end] != IGNORE_INDEX) != trained:
-            text = tokenizer.decode(sample.input_ids[start:end], skip_special_tokens=False)
-            pieces.append(f"[[{text}]]" if trained else text)
-            start = end
+    pieces = []
+    pairs = zip(sample.input_ids, sample.labels, strict=True)
+    for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX):
+        text = tokenizer.decode([token for token, _ in run], skip_special_tokens=False)
+        pieces.append(f"[[{text}]]" if trained else text)
     text = "".join(pieces)
     return text if len(text) <= max_chars else f"{text[: max_chars // 2]} … {text[-max_chars // 2 :]}"
+
+
+def no_visual_input(first: str) -> DataError:
+    """Image data for an adapter that cannot see it."""
+    return DataError(
+        f"the data has images but the adapter has no visual input (first: {first}); "
+        "use llama-adapter-v2 with its visual projector (adapter.options.visual_projector: v2)"
+    )
 
 
 class BadSampleLog:
@@ -136,10 +143,11 @@ class BadSampleLog:
                 f"{self.max_fraction:.1%}); first: {first}"
             )
 
-    def summary(self, limit: int = 10) -> str:
+    def summary(self, limit: int = 10, done: str = "skipped") -> str:
+        """The bad samples, `limit` of them listed; `done` says what became of them."""
         if not self.samples:
             return "no bad samples"
-        lines = [f"skipped {len(self.samples)} bad sample(s):"] + [f"  {b}" for b in self.samples[:limit]]
+        lines = [f"{done} {len(self.samples)} bad sample(s):"] + [f"  {b}" for b in self.samples[:limit]]
         if len(self.samples) > limit:
             lines.append(f"  … and {len(self.samples) - limit} more")
         return "\n".join(lines)
@@ -248,10 +256,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def __init__(self, samples: list[Sample], image_loader: ImageLoader | None = None, seed: int = 0) -> None:
         self.samples, self.image_loader, self.seed, self.epoch = samples, image_loader, seed, 0
         if image_loader is None and any(s.image is not None for s in samples):
-            raise DataError(
-                "the data has images but the adapter has no visual input "
-                f"(first: {next(s.source for s in samples if s.image is not None)}); use llama-adapter-v2 with its visual projector (adapter.options.visual_projector: v2)"
-            )
+            raise no_visual_input(next(s.source for s in samples if s.image is not None))
 
     def __len__(self) -> int:
         return len(self.samples)

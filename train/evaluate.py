@@ -114,7 +114,12 @@ def loss_and_perplexity(model, tokenizer, sources: list[DataSource], data: DataS
     result = evaluate(processes, TokenLoss(model).to(processes.device), dataset, collate, batch_size)
     for sample in unreadable:
         bad.add(sample)
-    return {**result, "samples": len(dataset), "bad_samples": len(bad.samples), "bad_summary": bad.summary(limit=3)}
+    return {
+        **result,
+        "samples": len(dataset),
+        "bad_samples": len(bad.samples),
+        "bad_summary": bad.summary(limit=3, done="left out"),
+    }
 
 
 def _prompt_and_reference(

@@ -58,6 +58,7 @@ from mmadapter.train.data import (
     SupervisedDataset,
     check_token_ids,
     load_samples,
+    no_visual_input,
     source_encoder,
 )
 from mmadapter.train.multimodal import image_loader_for
@@ -201,10 +202,7 @@ class StreamedDataset(torch.utils.data.Dataset):
                     self.bad.add(item, upfront=False)  # raises under on_bad_sample=fail
                 continue
             if item.image is not None and self.image_loader is None:
-                raise DataError(
-                    f"the data has images but the adapter has no visual input (first: {item.source}); "
-                    "use llama-adapter-v2 with its visual projector (adapter.options.visual_projector: v2)"
-                )
+                raise no_visual_input(item.source)
             rows.append((item, source))
             if len(rows) == size:
                 yield Window(index, start, offset, rows)
